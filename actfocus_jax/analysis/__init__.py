@@ -1,0 +1,1 @@
+"""actfocus_jax.analysis."""
