@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from actfocus_jax.models.sampling import sample_token
 from actfocus_jax.rollout.buffer import RolloutBuffer
 from actfocus_jax.rollout.masks import compute_roles
 from actfocus_jax.text.chat import format_observation, format_prompt
@@ -45,6 +46,8 @@ __all__ = [
     "rollout_fused",
     "rollout_host",
     "sample_from_logits",
+    "sequence_budget",
+    "transformer_policy",
 ]
 
 
@@ -146,7 +149,7 @@ def make_turn_template(
 def sample_from_logits(
     key: jax.Array, logits: jax.Array, cfg: RolloutConfig
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """Samples one token per row.
+    """Samples one token per row with :func:`actfocus_jax.models.sampling.sample_token`.
 
     Args:
       key: PRNG key.
@@ -155,30 +158,16 @@ def sample_from_logits(
     Returns:
       ``(token int32[B], logp f32[B], entropy f32[B], logit f32[B])``: the log-prob and entropy are of
       the temperature-scaled distribution *before* top-k / top-p truncation (the policy being trained),
-      ``logit`` is the raw logit of the sampled token.
+      ``logit`` is the raw logit of the sampled token (for the ``neg_logit`` energy).
     """
-    scaled = logits.astype(jnp.float32) / cfg.temperature
-    logp_all = jax.nn.log_softmax(scaled, axis=-1)
-    entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
-    if cfg.greedy:
-        token = jnp.argmax(scaled, axis=-1)
-    else:
-        masked = scaled
-        if cfg.top_k > 0:
-            kth = jax.lax.top_k(masked, cfg.top_k)[0][..., -1:]
-            masked = jnp.where(masked < kth, -jnp.inf, masked)
-        if cfg.top_p < 1.0:
-            sorted_desc = jnp.sort(masked, axis=-1)[..., ::-1]
-            probs = jax.nn.softmax(sorted_desc, axis=-1)
-            cum_before = jnp.cumsum(probs, axis=-1) - probs
-            keep_sorted = cum_before < cfg.top_p
-            threshold = jnp.min(
-                jnp.where(keep_sorted, sorted_desc, jnp.inf), axis=-1, keepdims=True
-            )
-            masked = jnp.where(masked < threshold, -jnp.inf, masked)
-        token = jax.random.categorical(key, masked, axis=-1)
-    token = token.astype(jnp.int32)
-    logp = jnp.take_along_axis(logp_all, token[:, None], axis=-1)[:, 0]
+    token, logp, entropy = sample_token(
+        logits,
+        key,
+        temperature=cfg.temperature,
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
+        greedy=cfg.greedy,
+    )
     logit = jnp.take_along_axis(logits.astype(jnp.float32), token[:, None], axis=-1)[:, 0]
     return token, logp, entropy, logit
 
@@ -641,4 +630,20 @@ def _stack_host_steps(steps: Sequence[Any], max_obs_len: int, pad_id: int) -> _H
         success=jnp.asarray(success),
         invalid_action=jnp.asarray(invalid),
         num_actions=jnp.asarray(num_actions),
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def transformer_policy(graphdef: Any, config: Any) -> Policy:
+    """The :class:`Policy` of an ``nnx.split`` transformer (memoised, so jit caches are reused).
+
+    Args:
+      graphdef: the static graph definition of a :class:`~actfocus_jax.models.CausalLM`.
+      config: its :class:`~actfocus_jax.models.ModelConfig`.
+    """
+    from actfocus_jax.models.transformer import forward_with_cache, init_cache
+
+    return Policy(
+        apply=functools.partial(forward_with_cache, graphdef),
+        init_cache=functools.partial(init_cache, config),
     )

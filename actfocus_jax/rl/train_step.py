@@ -1,0 +1,510 @@
+"""The jitted RL update: ``(train_state, batch, key) -> (train_state, metrics)`` (DESIGN.md section 5).
+
+One call runs ``epochs x num_minibatches`` optimiser steps on a rollout batch, as pure functions under
+one ``jit`` (PureJaxRL style):
+
+1. With the parameters at entry (no gradient): critic values (PPO) and reference log-probs (when the
+   KL coefficient is > 0).
+2. Advantages: GRPO / Dr. GRPO / RLOO on episode returns, broadcast to the generated tokens; or PPO's
+   token-level GAE over generated tokens with each turn's reward on its response's last token.
+3. ActFocus weights from the rollout-time energies (stop-gradient; computed once per batch, so they are
+   free: no extra forward pass).
+4. For each epoch, a random permutation of the rows split into minibatches; for each minibatch the
+   weighted clipped surrogate (+ KL, entropy) and, for PPO, the clipped value loss; AdamW with global
+   norm clipping (optax).
+
+All intermediates a researcher inspects come back in :class:`StepMetrics` (scalars averaged over the
+minibatches, plus per-token arrays of the batch in :class:`TokenIntermediates`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import chex
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from actfocus_jax.models.sampling import token_logprobs
+from actfocus_jax.models.transformer import apply, apply_values
+from actfocus_jax.rl.actfocus import (
+    ActFocusConfig,
+    ActFocusStats,
+    token_energies,
+    token_weights_and_stats,
+)
+from actfocus_jax.rl.advantages import broadcast_to_tokens, gae, grpo_advantages
+from actfocus_jax.rl.losses import (
+    LOSS_AGG_MODES,
+    entropy_loss,
+    kl_loss,
+    kl_penalty,
+    policy_loss,
+    value_loss,
+)
+from actfocus_jax.rollout.buffer import RolloutBuffer
+
+__all__ = [
+    "AlgoConfig",
+    "StepMetrics",
+    "TokenIntermediates",
+    "TrainState",
+    "TrainStatics",
+    "batch_from_buffer",
+    "init_train_state",
+    "make_optimizer",
+    "train_step",
+]
+
+ALGOS = ("grpo", "ppo")
+
+
+@dataclasses.dataclass(frozen=True)
+class AlgoConfig:
+    """Hyper-parameters of the update (every field is a command-line flag in the trainer).
+
+    Attributes:
+      algo: ``"grpo"`` or ``"ppo"``.
+      group_size: rollouts per task (rows are laid out group after group).
+      normalize_std / leave_one_out / adv_eps: GRPO variants (Dr. GRPO: ``normalize_std=False``;
+        RLOO: ``leave_one_out=True``).
+      gamma / lam: GAE discount and trace parameters (PPO).
+      clip_low / clip_high / dual_clip: surrogate clipping (asymmetric allowed; dual clip c > 1).
+      loss_agg / loss_agg_norm: aggregation mode and fixed length of ``seq-mean-token-sum-norm``.
+      kl_coef / kl_kind / kl_in_reward: KL to the frozen reference (0 disables it and no reference is
+        kept); in the loss, or (PPO only) subtracted from the token rewards.
+      entropy_coef: entropy bonus coefficient (loss ``-= coef * entropy``).
+      vf_coef / value_clip: critic loss coefficient and value clip range (PPO).
+      epochs / num_minibatches: passes over the batch and minibatches per pass.
+      temperature: sampling temperature (log-probs are of the scaled distribution, as at rollout).
+      actfocus: ActFocus weighting (``enabled=False`` = plain PPO / GRPO).
+    """
+
+    algo: str = "grpo"
+    group_size: int = 8
+    normalize_std: bool = True
+    leave_one_out: bool = False
+    adv_eps: float = 1e-6
+    gamma: float = 1.0
+    lam: float = 1.0
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: float | None = None
+    loss_agg: str = "token-mean"
+    loss_agg_norm: float | None = None
+    kl_coef: float = 0.0
+    kl_kind: str = "k3"
+    kl_in_reward: bool = False
+    entropy_coef: float = 0.0
+    vf_coef: float = 0.5
+    value_clip: float | None = 0.2
+    epochs: int = 1
+    num_minibatches: int = 1
+    temperature: float = 1.0
+    actfocus: ActFocusConfig = dataclasses.field(default_factory=ActFocusConfig)
+
+    def __post_init__(self) -> None:
+        if self.algo not in ALGOS:
+            raise ValueError(f"algo must be one of {ALGOS}, got {self.algo!r}")
+        if self.loss_agg not in LOSS_AGG_MODES:
+            raise ValueError(f"loss_agg must be one of {LOSS_AGG_MODES}, got {self.loss_agg!r}")
+        if self.group_size < 1 or (self.algo == "grpo" and self.group_size < 2):
+            raise ValueError(
+                f"group_size={self.group_size}: GRPO needs >= 2 rollouts per task to form a baseline"
+            )
+        if self.epochs < 1 or self.num_minibatches < 1:
+            raise ValueError("epochs and num_minibatches must be >= 1")
+        if self.kl_in_reward and self.algo != "ppo":
+            raise ValueError(
+                "kl_in_reward applies to PPO only; for GRPO the KL term is in the loss"
+            )
+        if self.kl_coef < 0 or self.entropy_coef < 0:
+            raise ValueError("kl_coef and entropy_coef must be >= 0")
+        if not (0 <= self.clip_low < 1 and self.clip_high >= 0):
+            raise ValueError("need 0 <= clip_low < 1 and clip_high >= 0")
+        if self.dual_clip is not None and self.dual_clip <= 1:
+            raise ValueError(f"dual_clip must be > 1 (or None), got {self.dual_clip}")
+
+    @property
+    def uses_reference(self) -> bool:
+        return self.kl_coef > 0
+
+
+def make_optimizer(
+    learning_rate: float | optax.Schedule = 1e-5,
+    *,
+    weight_decay: float = 0.0,
+    max_grad_norm: float = 1.0,
+    b1: float = 0.9,
+    b2: float = 0.999,
+) -> optax.GradientTransformation:
+    """AdamW after global-norm gradient clipping (``max_grad_norm <= 0`` disables clipping)."""
+    parts = []
+    if max_grad_norm > 0:
+        parts.append(optax.clip_by_global_norm(max_grad_norm))
+    parts.append(optax.adamw(learning_rate, b1=b1, b2=b2, weight_decay=weight_decay))
+    return optax.chain(*parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainStatics:
+    """Static (hashable) parts of the update: graph definitions, optimisers, config."""
+
+    policy_graphdef: Any
+    critic_graphdef: Any
+    optimizer: optax.GradientTransformation
+    critic_optimizer: optax.GradientTransformation | None
+    config: AlgoConfig
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training (a pytree: jit, orbax and sharding see arrays)."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    critic_params: Any = None
+    critic_opt_state: Any = None
+    ref_params: Any = None
+
+
+def init_train_state(
+    policy: nnx.Module, statics: TrainStatics, critic: nnx.Module | None = None
+) -> TrainState:
+    """Initial state: policy params, optimiser state, and for PPO the critic; for KL a frozen copy."""
+    _, params = nnx.split(policy)
+    cfg = statics.config
+    critic_params = critic_opt = None
+    if cfg.algo == "ppo":
+        if critic is None:
+            raise ValueError("PPO needs a critic (see models.value_model_from_policy)")
+        # A copy: the critic may share arrays with the policy (nnx.clone), and both are donated.
+        critic_params = jax.tree.map(jnp.copy, nnx.split(critic)[1])
+        critic_opt = statics.critic_optimizer.init(critic_params)
+    ref = jax.tree.map(jnp.copy, params) if cfg.uses_reference else None
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=statics.optimizer.init(params),
+        critic_params=critic_params,
+        critic_opt_state=critic_opt,
+        ref_params=ref,
+    )
+
+
+@chex.dataclass
+class TrainBatch:
+    """Model inputs and rollout-time quantities of a batch of ``B`` rows of ``L`` tokens."""
+
+    tokens: chex.Array  # int32[B, L]
+    valid: chex.Array  # bool[B, L]
+    loss_mask: chex.Array  # bool[B, L] generated tokens
+    roles: chex.Array  # int8[B, L]
+    turn_ids: chex.Array  # int32[B, L]
+    old_logp: chex.Array  # f32[B, L]
+    entropy: chex.Array  # f32[B, L] sampling entropy
+    logit: chex.Array  # f32[B, L] raw logit of the sampled token
+    token_rewards: chex.Array  # f32[B, L] turn rewards on each response's last token
+    episode_return: chex.Array  # f32[B]
+
+
+def batch_from_buffer(buf: RolloutBuffer) -> TrainBatch:
+    """The training view of a :class:`RolloutBuffer`."""
+    return TrainBatch(
+        tokens=buf.tokens,
+        valid=buf.valid,
+        loss_mask=buf.generated,
+        roles=buf.roles,
+        turn_ids=buf.turn_ids,
+        old_logp=buf.old_logp,
+        entropy=buf.entropy,
+        logit=buf.logit,
+        token_rewards=buf.token_rewards(),
+        episode_return=buf.episode_return,
+    )
+
+
+@chex.dataclass
+class TokenIntermediates:
+    """Per-token arrays of the batch ``[B, L]`` (0 outside generated tokens)."""
+
+    advantages: chex.Array
+    weights: chex.Array
+    energies: chex.Array
+    returns: chex.Array
+    values: chex.Array
+    ref_logp: chex.Array
+
+
+@chex.dataclass
+class StepMetrics:
+    """Scalars of one update (minibatch quantities are means over all minibatches and epochs).
+
+    ``num_rejected`` counts minibatch updates skipped because the loss or a gradient norm was not
+    finite (the parameters and optimiser state were kept as they were before that minibatch).
+    """
+
+    loss: chex.Array
+    pg_loss: chex.Array
+    kl: chex.Array
+    entropy: chex.Array
+    value_loss: chex.Array
+    clip_frac: chex.Array
+    value_clip_frac: chex.Array
+    approx_kl: chex.Array
+    ratio_mean: chex.Array
+    ratio_max: chex.Array
+    grad_norm: chex.Array
+    critic_grad_norm: chex.Array
+    adv_mean: chex.Array
+    adv_std: chex.Array
+    first_ratio_dev: chex.Array
+    num_rejected: chex.Array
+    actfocus: ActFocusStats
+    tokens: TokenIntermediates
+
+
+def _logp(graphdef, params, batch: TrainBatch, temperature: float):
+    logits = apply(graphdef, params, batch.tokens, attention_mask=batch.valid)
+    return token_logprobs(logits, batch.tokens, batch.valid, temperature)
+
+
+def _masked_mean(x, mask):
+    m = mask.astype(jnp.float32)
+    return jnp.sum(x * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def _advantages(statics: TrainStatics, state: TrainState, batch: TrainBatch, ref_logp):
+    cfg = statics.config
+    mask = batch.loss_mask
+    if cfg.algo == "grpo":
+        adv_ep = grpo_advantages(
+            batch.episode_return,
+            cfg.group_size,
+            normalize_std=cfg.normalize_std,
+            leave_one_out=cfg.leave_one_out,
+            eps=cfg.adv_eps,
+        )
+        adv = broadcast_to_tokens(adv_ep, mask)
+        zeros = jnp.zeros_like(adv)
+        return adv, zeros, zeros
+    values = apply_values(
+        statics.critic_graphdef, state.critic_params, batch.tokens, attention_mask=batch.valid
+    )
+    values = jnp.where(mask, jax.lax.stop_gradient(values), 0.0)
+    rewards = batch.token_rewards
+    if cfg.kl_in_reward and ref_logp is not None:
+        rewards = rewards - cfg.kl_coef * jnp.where(
+            mask, kl_penalty(batch.old_logp, ref_logp, cfg.kl_kind), 0.0
+        )
+    adv, returns = gae(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam)
+    return adv, returns, values
+
+
+def _minibatch_loss(params, statics: TrainStatics, mb: dict, ref_logp):
+    cfg = statics.config
+    batch: TrainBatch = mb["batch"]
+    logp, ent = _logp(statics.policy_graphdef, params, batch, cfg.temperature)
+    mask = batch.loss_mask
+    pg, pm = policy_loss(
+        logp,
+        batch.old_logp,
+        mb["advantages"],
+        mask,
+        weights=mb["weights"],
+        clip_low=cfg.clip_low,
+        clip_high=cfg.clip_high,
+        loss_agg=cfg.loss_agg,
+        dual_clip=cfg.dual_clip,
+        loss_agg_norm=cfg.loss_agg_norm,
+    )
+    af = cfg.actfocus
+    loss = pg
+    kl = jnp.zeros((), jnp.float32)
+    if ref_logp is not None and not cfg.kl_in_reward:
+        kl = kl_loss(
+            logp,
+            ref_logp,
+            mask,
+            kind=cfg.kl_kind,
+            loss_agg=cfg.loss_agg,
+            weights=mb["weights"] if af.weight_kl else None,
+            norm_length=cfg.loss_agg_norm,
+        )
+        loss = loss + cfg.kl_coef * kl
+    ent_term = entropy_loss(
+        ent,
+        mask,
+        loss_agg=cfg.loss_agg,
+        weights=mb["weights"] if af.weight_entropy else None,
+        norm_length=cfg.loss_agg_norm,
+    )
+    if cfg.entropy_coef > 0:
+        loss = loss - cfg.entropy_coef * ent_term
+    aux = dict(
+        pg_loss=pg,
+        kl=kl,
+        entropy=ent_term,
+        clip_frac=pm.clip_frac,
+        approx_kl=pm.approx_kl,
+        ratio_mean=pm.ratio_mean,
+        ratio_max=jnp.max(jnp.where(mask, pm.ratio, 0.0)),
+        ratio_dev=jnp.max(jnp.where(mask, jnp.abs(pm.ratio - 1.0), 0.0)),
+    )
+    return loss, aux
+
+
+def _critic_loss(critic_params, statics: TrainStatics, mb: dict):
+    cfg = statics.config
+    batch: TrainBatch = mb["batch"]
+    values = apply_values(
+        statics.critic_graphdef, critic_params, batch.tokens, attention_mask=batch.valid
+    )
+    vl, vm = value_loss(
+        values,
+        mb["old_values"],
+        mb["returns"],
+        batch.loss_mask,
+        clip_range=cfg.value_clip,
+        loss_agg=cfg.loss_agg,
+        norm_length=cfg.loss_agg_norm,
+    )
+    return cfg.vf_coef * vl, (vl, vm.clip_frac)
+
+
+@functools.partial(jax.jit, static_argnames=("statics",), donate_argnums=(0,))
+def train_step(
+    state: TrainState, batch: TrainBatch, key: jax.Array, *, statics: TrainStatics
+) -> tuple[TrainState, StepMetrics]:
+    """One RL update on a rollout batch.
+
+    Args:
+      state: the :class:`TrainState` (donated).
+      batch: a :class:`TrainBatch` with ``B`` rows; ``B`` must be divisible by ``num_minibatches``.
+      key: PRNG key for the minibatch permutations.
+      statics: graph definitions, optimisers and :class:`AlgoConfig` (static).
+    Returns:
+      ``(new_state, metrics)``.
+    """
+    cfg = statics.config
+    b = batch.tokens.shape[0]
+    if b % cfg.num_minibatches:
+        raise ValueError(
+            f"batch of {b} rows is not divisible by num_minibatches={cfg.num_minibatches}"
+        )
+    mask = batch.loss_mask
+    ref_logp = None
+    if cfg.uses_reference:
+        ref_logp, _ = _logp(statics.policy_graphdef, state.ref_params, batch, cfg.temperature)
+        ref_logp = jax.lax.stop_gradient(ref_logp)
+    adv, returns, values = _advantages(statics, state, batch, ref_logp)
+    af = cfg.actfocus
+    energies = token_energies(
+        af.energy, logp=batch.old_logp, entropy=batch.entropy, logit=batch.logit
+    )
+    energies = jnp.where(mask, energies, 0.0)
+    if af.enabled:
+        weights, af_stats = token_weights_and_stats(
+            batch.roles, energies, batch.turn_ids, **af.weight_kwargs()
+        )
+    else:
+        weights, af_stats = token_weights_and_stats(
+            batch.roles,
+            energies,
+            batch.turn_ids,
+            alpha=1.0,
+            beta=0.0,
+            tau=1.0,
+            w_max=1.0,
+            scope="trajectory",
+            normalize="none",
+        )
+    per_row = dict(batch=batch, advantages=adv, weights=weights, returns=returns, old_values=values)
+    if ref_logp is not None:
+        per_row["ref_logp"] = ref_logp
+    n_mb = cfg.num_minibatches
+
+    def run_epoch(carry, epoch_key):
+        state = carry
+        perm = jax.random.permutation(epoch_key, b)
+        shuffled = jax.tree.map(lambda x: x[perm], per_row)
+        mbs = jax.tree.map(lambda x: x.reshape((n_mb, b // n_mb, *x.shape[1:])), shuffled)
+
+        def run_minibatch(state, mb):
+            mb_ref = mb.get("ref_logp")
+            (loss, aux), grads = jax.value_and_grad(_minibatch_loss, has_aux=True)(
+                state.params, statics, mb, mb_ref
+            )
+            updates, opt_state = statics.optimizer.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            aux = dict(aux, loss=loss, grad_norm=optax.global_norm(grads))
+            critic_params, critic_opt = state.critic_params, state.critic_opt_state
+            if cfg.algo == "ppo":
+                (_, (vl, vclip)), cgrads = jax.value_and_grad(_critic_loss, has_aux=True)(
+                    critic_params, statics, mb
+                )
+                cupd, critic_opt = statics.critic_optimizer.update(
+                    cgrads, critic_opt, critic_params
+                )
+                critic_params = optax.apply_updates(critic_params, cupd)
+                aux.update(
+                    value_loss=vl, value_clip_frac=vclip, critic_grad_norm=optax.global_norm(cgrads)
+                )
+            else:
+                zero = jnp.zeros((), jnp.float32)
+                aux.update(value_loss=zero, value_clip_frac=zero, critic_grad_norm=zero)
+            new_state = state.replace(
+                params=params,
+                opt_state=opt_state,
+                critic_params=critic_params,
+                critic_opt_state=critic_opt,
+            )
+            # A minibatch whose loss or gradients are not finite is rejected: the state is kept.
+            ok = jnp.isfinite(loss) & jnp.isfinite(aux["grad_norm"])
+            if cfg.algo == "ppo":
+                ok = ok & jnp.isfinite(aux["value_loss"]) & jnp.isfinite(aux["critic_grad_norm"])
+            state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_state, state)
+            aux["rejected"] = (~ok).astype(jnp.int32)
+            return state, aux
+
+        return jax.lax.scan(run_minibatch, state, mbs)
+
+    state, aux = jax.lax.scan(run_epoch, state, jax.random.split(key, cfg.epochs))
+    state = state.replace(step=state.step + 1)
+    mean = lambda name: jnp.mean(aux[name])
+    adv_mean = _masked_mean(adv, mask)
+    adv_std = jnp.sqrt(_masked_mean((adv - adv_mean) ** 2, mask))
+    metrics = StepMetrics(
+        loss=mean("loss"),
+        pg_loss=mean("pg_loss"),
+        kl=mean("kl"),
+        entropy=mean("entropy"),
+        value_loss=mean("value_loss"),
+        clip_frac=mean("clip_frac"),
+        value_clip_frac=mean("value_clip_frac"),
+        approx_kl=mean("approx_kl"),
+        ratio_mean=mean("ratio_mean"),
+        ratio_max=jnp.max(aux["ratio_max"]),
+        grad_norm=mean("grad_norm"),
+        critic_grad_norm=mean("critic_grad_norm"),
+        adv_mean=adv_mean,
+        adv_std=adv_std,
+        first_ratio_dev=aux["ratio_dev"][0, 0],
+        num_rejected=jnp.sum(aux["rejected"]),
+        actfocus=af_stats,
+        tokens=TokenIntermediates(
+            advantages=jnp.where(mask, adv, 0.0),
+            weights=weights,
+            energies=energies,
+            returns=returns,
+            values=values,
+            ref_logp=jnp.zeros_like(adv) if ref_logp is None else jnp.where(mask, ref_logp, 0.0),
+        ),
+    )
+    return state, metrics
