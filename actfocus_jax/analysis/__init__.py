@@ -1,1 +1,43 @@
-"""actfocus_jax.analysis."""
+"""Action Bottleneck analysis (DESIGN.md section 3): correlation statistic and gradient variant."""
+
+from actfocus_jax.analysis.bottleneck import (
+    ANALYSIS_ROLES,
+    ROLE_NAMES,
+    VARIANTS,
+    BottleneckStats,
+    batch_bottleneck_metrics,
+    bootstrap_ci,
+    bottleneck_core,
+    bottleneck_metrics,
+    bottleneck_report,
+    bottleneck_stats,
+    group_pearson,
+    rollout_scores,
+)
+from actfocus_jax.analysis.gradients import (
+    GRADIENT_SCOPES,
+    RoleGradientStats,
+    role_gradient_stats,
+    role_gradients,
+    surrogate_loss,
+)
+
+__all__ = [
+    "ANALYSIS_ROLES",
+    "GRADIENT_SCOPES",
+    "ROLE_NAMES",
+    "VARIANTS",
+    "BottleneckStats",
+    "RoleGradientStats",
+    "batch_bottleneck_metrics",
+    "bootstrap_ci",
+    "bottleneck_core",
+    "bottleneck_metrics",
+    "bottleneck_report",
+    "bottleneck_stats",
+    "group_pearson",
+    "role_gradient_stats",
+    "role_gradients",
+    "rollout_scores",
+    "surrogate_loss",
+]

@@ -1,0 +1,252 @@
+"""Gradient-based Action Bottleneck analysis (offline; not used by the training path).
+
+For a policy ``(graphdef, params)`` and a batch, the unclipped policy-gradient surrogate at ratio 1
+(the on-policy policy gradient) is, with ``N`` the number of generated tokens of the batch,
+
+    L(theta) = -(1 / N) * sum_t mask_t * A_t * exp(logp_t(theta) - sg(logp_t(theta)))
+
+whose gradient is ``-(1/N) sum_t mask_t A_t grad logp_t``. Restricting the loss to the tokens of role
+``k`` (``mask = roles == k``; the denominator stays ``N``) gives the role gradient ``g_k``; since
+the loss is linear in the mask, ``g_REASONING + g_ACTION = g_full`` exactly (up to float rounding).
+With ``ratio="importance"`` the ratio is ``exp(logp - old_logp)`` instead (unclipped), which equals
+the above when ``params`` is the behaviour policy.
+
+We report per role: ``||g_k||``, the cosine ``cos(g_k, g_full)``, the contribution
+``<g_k, g_full> / ||g_full||^2`` (the roles' contributions sum to 1), the number of role tokens and
+``||g_k|| / n_k`` (gradient norm per token; 0 for a role without tokens, whose gradient is exactly 0).
+With ``group_size`` the same statistics are computed for each group of ``G`` rows separately (each
+group's loss normalised by its own generated-token count): the design's "norm of the group's policy
+gradient restricted to role k".
+
+Role gradients come from one forward pass: ``jax.vjp`` of the per-token log-probs
+(:func:`actfocus_jax.models.apply` + :func:`actfocus_jax.models.token_logprobs`) with one cotangent
+per mask, ``vmap``-ed; :func:`surrogate_loss` is the same loss for ``jax.grad``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from actfocus_jax.models.sampling import token_logprobs
+from actfocus_jax.models.transformer import apply
+from actfocus_jax.rollout.roles import Role
+
+__all__ = [
+    "GRADIENT_SCOPES",
+    "RATIO_MODES",
+    "RoleGradientStats",
+    "role_gradient_stats",
+    "role_gradients",
+    "surrogate_loss",
+]
+
+#: Order of the leading axis of :func:`role_gradients` and of the per-role stats arrays' last axis.
+GRADIENT_SCOPES = ("full", "reasoning", "action")
+RATIO_MODES = ("at_one", "importance")
+
+
+@chex.dataclass
+class RoleGradientStats:
+    """Gradient statistics; per-role arrays have a trailing axis (REASONING, ACTION).
+
+    With ``group_size`` every field has a leading group axis ``[n_groups]``.
+
+    Attributes:
+      full_norm: ``||g_full||``.
+      norm: ``[2]`` ``||g_k||``.
+      cosine: ``[2]`` ``cos(g_k, g_full)`` (0 where either norm is 0).
+      contribution: ``[2]`` ``<g_k, g_full> / ||g_full||^2`` (sums to 1; 0 if ``g_full = 0``).
+      num_tokens: ``[2]`` role-k tokens (float32).
+      norm_per_token: ``[2]`` ``||g_k|| / n_k`` (0 without tokens).
+      linearity_error: ``||g_R + g_A - g_full|| / max(||g_full||, tiny)`` (a self-check).
+    """
+
+    full_norm: chex.Array
+    norm: chex.Array
+    cosine: chex.Array
+    contribution: chex.Array
+    num_tokens: chex.Array
+    norm_per_token: chex.Array
+    linearity_error: chex.Array
+
+
+def _masks(roles, valid):
+    roles = roles.astype(jnp.int32)
+    r = (roles == Role.REASONING) & valid
+    a = (roles == Role.ACTION) & valid
+    return r | a, r, a
+
+
+def _logp_fn(graphdef, tokens, valid, temperature):
+    def fn(params):
+        logits = apply(graphdef, params, tokens, attention_mask=valid)
+        return token_logprobs(logits, tokens, valid, temperature)[0]
+
+    return fn
+
+
+def _coef(logp, old_logp, advantages, gen, importance):
+    """``d L / d logp_t`` of the full surrogate (before role masking), stop-gradient."""
+    n = jnp.maximum(jnp.sum(gen), 1).astype(jnp.float32)
+    ratio = jnp.exp(jnp.where(gen, logp - old_logp.astype(jnp.float32), 0.0))
+    ratio = jnp.where(importance, ratio, 1.0)
+    c = -advantages.astype(jnp.float32) * ratio / n
+    return jax.lax.stop_gradient(jnp.where(gen, c, 0.0))
+
+
+def _check_ratio(ratio, old_logp):
+    if ratio not in RATIO_MODES:
+        raise ValueError(f"ratio must be one of {RATIO_MODES}, got {ratio!r}")
+    if ratio == "importance" and old_logp is None:
+        raise ValueError('ratio="importance" needs old_logp')
+
+
+def surrogate_loss(
+    params: Any,
+    graphdef: Any,
+    tokens: jax.Array,
+    valid: jax.Array,
+    roles: jax.Array,
+    advantages: jax.Array,
+    old_logp: jax.Array | None = None,
+    *,
+    role: Role | None = None,
+    ratio: str = "at_one",
+    temperature: float = 1.0,
+) -> jax.Array:
+    """The (unclipped) surrogate restricted to ``role`` (``None`` = all generated tokens).
+
+    ``-(1/N) sum_t [roles_t == role] A_t ratio_t`` with ``N`` the number of generated tokens of the
+    batch (independent of ``role``). Differentiate with ``jax.grad`` (argument 0).
+    """
+    _check_ratio(ratio, old_logp)
+    valid = valid.astype(bool)
+    gen, _, _ = _masks(roles, valid)
+    mask = gen if role is None else gen & (roles.astype(jnp.int32) == int(role))
+    logp = _logp_fn(graphdef, tokens, valid, temperature)(params)
+    ref = jax.lax.stop_gradient(logp) if ratio == "at_one" else old_logp.astype(jnp.float32)
+    r = jnp.exp(jnp.where(mask, logp - ref, 0.0))
+    n = jnp.maximum(jnp.sum(gen), 1).astype(jnp.float32)
+    return -jnp.sum(jnp.where(mask, advantages.astype(jnp.float32) * r, 0.0)) / n
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _role_grads(
+    graphdef, params, tokens, valid, roles, advantages, old_logp, temperature, importance
+):
+    """Stacked gradients (leading axis :data:`GRADIENT_SCOPES`) and role token counts ``[2]``."""
+    valid = valid.astype(bool)
+    gen, r, a = _masks(roles, valid)
+    logp, vjp = jax.vjp(_logp_fn(graphdef, tokens, valid, temperature), params)
+    c = _coef(logp, old_logp, advantages, gen, importance)
+    cot = jnp.stack([c, jnp.where(r, c, 0.0), jnp.where(a, c, 0.0)])  # [3, B, L]
+    (grads,) = jax.vmap(vjp)(cot)
+    counts = jnp.stack([jnp.sum(r), jnp.sum(a)]).astype(jnp.float32)
+    return grads, counts
+
+
+def _prepared(tokens, valid, roles, advantages, old_logp, ratio):
+    _check_ratio(ratio, old_logp)
+    if old_logp is None:
+        old_logp = jnp.zeros(jnp.shape(tokens), jnp.float32)
+    return (
+        jnp.asarray(tokens, jnp.int32),
+        jnp.asarray(valid, bool),
+        jnp.asarray(roles),
+        jnp.asarray(advantages, jnp.float32),
+        jnp.asarray(old_logp, jnp.float32),
+    )
+
+
+def role_gradients(
+    graphdef: Any,
+    params: Any,
+    tokens: jax.Array,
+    valid: jax.Array,
+    roles: jax.Array,
+    advantages: jax.Array,
+    old_logp: jax.Array | None = None,
+    *,
+    ratio: str = "at_one",
+    temperature: float = 1.0,
+) -> dict[str, Any]:
+    """Gradients of the surrogate: ``{"full": g, "reasoning": g_R, "action": g_A}`` (params pytrees).
+
+    Args:
+      graphdef, params: ``nnx.split`` of a :class:`~actfocus_jax.models.CausalLM`.
+      tokens: int32 ``[B, L]``; valid: bool ``[B, L]``; roles: int ``[B, L]``.
+      advantages: float ``[B, L]`` per-token advantages (only generated tokens are read).
+      old_logp: float ``[B, L]`` behaviour log-probs (needed for ``ratio="importance"``).
+      ratio: ``"at_one"`` (policy gradient at the current params) or ``"importance"``.
+      temperature: divides the logits, as at rollout.
+    """
+    arrays = _prepared(tokens, valid, roles, advantages, old_logp, ratio)
+    grads, _ = _role_grads(
+        graphdef, params, *arrays, jnp.float32(temperature), jnp.bool_(ratio == "importance")
+    )
+    return {
+        name: jax.tree.map(lambda g, i=i: g[i], grads) for i, name in enumerate(GRADIENT_SCOPES)
+    }
+
+
+@jax.jit
+def _stats_from_grads(grads, counts) -> RoleGradientStats:
+    """Stats from stacked gradients (leading axis = :data:`GRADIENT_SCOPES`)."""
+    leaves = [g.reshape(3, -1).astype(jnp.float32) for g in jax.tree.leaves(grads)]
+    flat = jnp.concatenate(leaves, axis=1)  # [3, P]
+    gram = flat @ flat.T  # [3, 3]
+    norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
+    full = norms[0]
+    dots = gram[0, 1:]
+
+    def div(a, b):
+        return jnp.where(b > 0, a / jnp.where(b > 0, b, 1.0), 0.0)
+
+    resid = flat[1] + flat[2] - flat[0]
+    return RoleGradientStats(
+        full_norm=full,
+        norm=norms[1:],
+        cosine=jnp.clip(div(dots, full * norms[1:]), -1.0, 1.0),
+        contribution=div(dots, full * full),
+        num_tokens=counts,
+        norm_per_token=div(norms[1:], counts),
+        linearity_error=jnp.sqrt(jnp.sum(resid * resid)) / jnp.maximum(full, 1e-30),
+    )
+
+
+def role_gradient_stats(
+    graphdef: Any,
+    params: Any,
+    tokens: jax.Array,
+    valid: jax.Array,
+    roles: jax.Array,
+    advantages: jax.Array,
+    old_logp: jax.Array | None = None,
+    *,
+    group_size: int | None = None,
+    ratio: str = "at_one",
+    temperature: float = 1.0,
+) -> RoleGradientStats:
+    """:class:`RoleGradientStats` of the batch, or of each group (``group_size``; rows group after
+    group, leading axis ``[B // G]``). Arguments as in :func:`role_gradients`.
+
+    Groups are processed one after the other (one compiled program for all groups), so memory
+    stays at three parameter-sized gradients whatever the number of groups.
+    """
+    arrays = _prepared(tokens, valid, roles, advantages, old_logp, ratio)
+    b = arrays[0].shape[0]
+    if group_size is not None and (group_size < 1 or b % group_size):
+        raise ValueError(f"batch {b} is not a multiple of group_size {group_size}")
+    scalars = (jnp.float32(temperature), jnp.bool_(ratio == "importance"))
+    if group_size is None:
+        return _stats_from_grads(*_role_grads(graphdef, params, *arrays, *scalars))
+    out = []
+    for start in range(0, b, group_size):
+        rows = tuple(x[start : start + group_size] for x in arrays)
+        out.append(_stats_from_grads(*_role_grads(graphdef, params, *rows, *scalars)))
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *out)
