@@ -20,16 +20,15 @@ def reference_roles(tokens, generated, valid, open_ids, close_ids):
     out = []
     for row_t, row_g, row_v in zip(tokens, generated, valid):
         roles, inside, i, n = [], False, 0, len(row_t)
-        close_left = 0
         while i < n:
             if not row_v[i]:
                 roles.append(Role.PAD)
-                inside, close_left = False, 0
+                inside = False
                 i += 1
                 continue
             if not row_g[i]:
                 roles.append(Role.PROMPT)
-                inside, close_left = False, 0
+                inside = False
                 i += 1
                 continue
             k = len(open_ids)

@@ -116,7 +116,7 @@ def test_fused_and_host_paths_agree(setup, greedy):
 
 
 def test_buffer_logprobs_equal_rescoring_and_layout(setup):
-    env, tok, params, _, template = setup
+    _, _, params, _, template = setup
     cfg = RolloutConfig(max_turns=3, max_response_tokens=12, temperature=0.8)
     buf = _run(setup, "fused", cfg, key=3)
     check_buffer(buf)
@@ -171,6 +171,7 @@ def test_sample_from_logits_truncations():
     assert abs(freq - 0.5 / 0.8) < 0.05
     tok, logp, ent, logit = sample_from_logits(keys[0], logits, RolloutConfig(greedy=True))
     assert int(tok[0]) == 0
+    np.testing.assert_allclose(float(logit[0]), float(logits[0, 0]))
     np.testing.assert_allclose(float(logp[0]), np.log(0.5), rtol=1e-5)
     p = np.array([0.5, 0.3, 0.15, 0.05])
     np.testing.assert_allclose(float(ent[0]), -(p * np.log(p)).sum(), rtol=1e-5)

@@ -47,6 +47,7 @@ __all__ = [
     "rollout_host",
     "sample_from_logits",
     "sequence_budget",
+    "system_prompt_for",
     "transformer_policy",
 ]
 
@@ -116,6 +117,29 @@ class TurnTemplate:
     answer_close: tuple[int, ...]
     stop_ids: tuple[int, ...]
     pad_id: int
+
+
+#: Short task statements for the embedded model (``prompt="compact"``); pretrained chat models
+#: should get the environment's full rules (``env.system_prompt()``, ``prompt="full"``).
+COMPACT_PROMPTS = {
+    "sokoban": "sokoban : push the box X onto the target O .",
+    "frozenlake": "frozen lake : go to the goal G and avoid the holes O .",
+    "sudoku": "sudoku : fill the grid .",
+    "webshop": "webshop : buy the product that matches the instruction .",
+}
+PROMPT_STYLES = ("full", "compact")
+
+
+def system_prompt_for(env: Any, style: str = "full") -> str:
+    """The system prompt of ``env``: its full rules, or a one-line statement (``"compact"``)."""
+    if style not in PROMPT_STYLES:
+        raise ValueError(f"prompt style {style!r} is unknown; use one of {PROMPT_STYLES}")
+    if style == "full":
+        return env.system_prompt()
+    name = getattr(env, "name", None)
+    if name not in COMPACT_PROMPTS:
+        raise ValueError(f"no compact prompt for environment {name!r}; use prompt style 'full'")
+    return COMPACT_PROMPTS[name]
 
 
 def make_turn_template(
