@@ -137,6 +137,9 @@ REASONING = (
     "onto",
     "toward",
     "towards",
+    # SFT demonstration reasoning (actfocus_jax/data/reasoning.py)
+    "No",
+    "There",
 )
 
 WORDS = NUMBERS + PUNCTUATION + REASONING
