@@ -28,10 +28,12 @@ __all__ = [
     "BATCH_AXES",
     "DEFAULT_RULES",
     "MESH_AXES",
+    "init_sharded",
     "initialize_distributed",
     "logical_to_mesh",
     "make_mesh",
     "param_shardings",
+    "replicate",
     "shard_batch",
     "shard_params",
 ]
@@ -54,6 +56,9 @@ def make_mesh(
 ) -> Mesh:
     """A ``(data, fsdp, tensor)`` mesh; one size may be -1 (all remaining devices).
 
+    Without a -1, a mesh smaller than the device count uses the first ``data * fsdp * tensor``
+    devices.
+
     Raises:
       ValueError: if the sizes do not multiply to the number of devices.
     """
@@ -66,6 +71,8 @@ def make_mesh(
         if len(devices) % known:
             raise ValueError(f"{len(devices)} devices cannot be split into mesh sizes {sizes}")
         sizes[sizes.index(-1)] = len(devices) // known
+    if -1 not in (data, fsdp, tensor) and math.prod(sizes) < len(devices):
+        devices = devices[: math.prod(sizes)]  # an explicit smaller mesh uses the first devices
     if math.prod(sizes) != len(devices):
         raise ValueError(
             f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} needs {math.prod(sizes)} "
@@ -112,6 +119,26 @@ def param_shardings(
 def shard_params(params: Any, mesh: Mesh, rules: Mapping[str, str | None] = DEFAULT_RULES) -> Any:
     """Places an ``nnx.State`` of parameters on the mesh per the rules."""
     return jax.device_put(params, param_shardings(params, mesh, rules))
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Places every array of ``tree`` on all devices of ``mesh`` (replicated)."""
+    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+
+
+def init_sharded(init_fn: Any, params: Any, mesh: Mesh) -> Any:
+    """``init_fn(params)`` under ``jit``: state mirroring sharded ``params`` (e.g. Adam's moments)
+    inherits their shardings; leaves that end up elsewhere (constants such as step counts) are
+    replicated over ``mesh``."""
+    out = jax.jit(init_fn)(params)
+    mesh_devices = set(mesh.devices.flat)
+
+    def place(x):
+        if isinstance(x, jax.Array) and x.sharding.device_set != mesh_devices:
+            return jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
+        return x
+
+    return jax.tree.map(place, out)
 
 
 def shard_batch(batch: Any, mesh: Mesh) -> Any:

@@ -104,4 +104,7 @@ def test_logical_rules_replicate_non_divisible_dims():
     spec = logical_to_mesh(("vocab", "embed"), (9, 63), mesh)
     assert tuple(spec) == (None, None)
     with pytest.raises(ValueError, match="devices"):
-        make_mesh(3, 1, 1)
+        make_mesh(3, -1, 1)
+    with pytest.raises(ValueError, match="devices"):
+        make_mesh(3, 3, 1)
+    assert make_mesh(2, 1, 1).devices.size == 2

@@ -1,0 +1,128 @@
+"""The shared experiment config; per-environment files override a few fields.
+
+Every field can be overridden on the command line, e.g.::
+
+    python -m experiments.train --config=experiments/configs/sokoban.py:tiny \\
+        --config.actfocus.alpha=0.2 --config.algo.algo=ppo --config.rollout.group_size=8
+
+Unknown fields are rejected by ml_collections; values are range-checked by
+:func:`actfocus_jax.train.config.validate` before anything runs.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def get_base_config(env: str = "sokoban", model: str = "tiny") -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.workdir = f"runs/{env}_{model}"
+    c.data_dir = "data"
+    c.debug = False  # chex shape/finiteness checks of every buffer and metric
+    c.nan_policy = "stop"  # "stop" (raise, keep the last good checkpoint) or "skip" the step
+
+    c.env = ml_collections.ConfigDict()
+    c.env.name = env
+    # None = the environment's own default (see each env's docstring).
+    c.env.max_turns = ml_collections.config_dict.placeholder(int)
+    c.env.max_actions_per_turn = ml_collections.config_dict.placeholder(int)
+    c.env.max_actions_per_episode = ml_collections.config_dict.placeholder(int)
+    c.env.format_penalty = -0.1
+    c.env.options = ml_collections.ConfigDict()  # env-specific extras (room size, slippery, ...)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.num_train = 512
+    c.data.num_test = 128
+    c.data.seed = 0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.preset = model
+    c.model.init = "sft"  # "random", "sft" (the SFT checkpoint in workdir/sft), or "hf:<dir>"
+    c.model.dtype = "float32"
+    # Shape overrides of the preset (None = the preset's value), e.g. smaller models for ablations.
+    c.model.n_layers = ml_collections.config_dict.placeholder(int)
+    c.model.d_model = ml_collections.config_dict.placeholder(int)
+    c.model.mlp_dim = ml_collections.config_dict.placeholder(int)
+    c.model.param_dtype = "float32"
+
+    c.sft = ml_collections.ConfigDict()
+    c.sft.steps = 300
+    c.sft.batch_size = 16
+    c.sft.learning_rate = 1e-3
+    c.sft.warmup_steps = 20
+    c.sft.max_len = 512
+    c.sft.num_tasks = 256
+    c.sft.demos_per_task = 2
+    c.sft.epsilon = 0.15
+
+    c.rollout = ml_collections.ConfigDict()
+    c.rollout.num_tasks = 8  # tasks per RL step
+    c.rollout.group_size = 8  # rollouts per task
+    c.rollout.max_response_tokens = 48
+    c.rollout.temperature = 1.0
+    c.rollout.top_p = 1.0
+    c.rollout.top_k = 0
+    c.rollout.chat_format = "plain" if model == "tiny" else "chatml"  # prompt layout
+    # "compact": a one-line task statement (the embedded model learns the rules from the SFT demos);
+    # "full": the environment's rules, symbols and answer format (for pretrained chat models).
+    c.rollout.prompt = "compact" if model == "tiny" else "full"
+    c.rollout.path = "fused"  # "fused" (on device) or "host" (turn loop on the host)
+
+    c.algo = ml_collections.ConfigDict()
+    c.algo.algo = "grpo"
+    c.algo.normalize_std = True
+    c.algo.leave_one_out = False
+    c.algo.adv_eps = 1e-6
+    c.algo.gamma = 1.0
+    c.algo.lam = 1.0
+    c.algo.clip_low = 0.2
+    c.algo.clip_high = 0.2
+    c.algo.dual_clip = 0.0  # 0 = off, else c > 1
+    c.algo.loss_agg = "token-mean"
+    c.algo.loss_agg_norm = 0.0  # 0 = the padded length (seq-mean-token-sum-norm)
+    c.algo.kl_coef = 0.0
+    c.algo.kl_kind = "k3"
+    c.algo.kl_in_reward = False
+    c.algo.entropy_coef = 0.0
+    c.algo.vf_coef = 0.5
+    c.algo.value_clip = 0.2
+    c.algo.epochs = 1
+    c.algo.num_minibatches = 2
+
+    c.actfocus = ml_collections.ConfigDict()
+    c.actfocus.enabled = True
+    c.actfocus.alpha = 0.1
+    c.actfocus.beta = 1.0
+    c.actfocus.tau = 1.0
+    c.actfocus.w_max = 5.0
+    c.actfocus.scope = "trajectory"
+    c.actfocus.normalize = "none"
+    c.actfocus.energy = "neg_logprob"
+    c.actfocus.weight_kl = False
+    c.actfocus.weight_entropy = False
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.learning_rate = 2e-5
+    c.optim.critic_learning_rate = 1e-4
+    c.optim.warmup_steps = 5
+    c.optim.weight_decay = 0.0
+    c.optim.max_grad_norm = 1.0
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 60
+    c.train.eval_every = 20
+    c.train.save_every = 10
+    c.train.keep = 3
+    c.train.log_every = 1
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.num_tasks = 128
+    c.eval.batch_size = 64
+    c.eval.sampled = True  # also evaluate with sampling (temperature above), besides greedy
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    return c

@@ -1,0 +1,8 @@
+"""Config for frozenlake; the argument after ':' picks the model preset (default: tiny)."""
+
+from experiments.configs.base import get_base_config
+
+
+def get_config(model: str = "tiny"):
+    c = get_base_config("frozenlake", model or "tiny")
+    return c

@@ -1,0 +1,103 @@
+"""A grid of config overrides x seeds, each run in its own work directory.
+
+    python -m experiments.sweep --config=experiments/configs/sokoban.py:tiny --workdir=runs/sweep \\
+        --grid="actfocus.alpha=0,0.1,1;algo.algo=grpo,ppo" --seeds=0,1,2 --parallel=2 \\
+        [--init=hf:runs/x/sft] [--dry_run]
+
+Runs ``python -m experiments.train`` for every combination (one after another, or ``--parallel``
+processes at a time); run directories are named after their overrides, e.g.
+``runs/sweep/actfocus.alpha=0.1,algo.algo=ppo,seed=2``. A run that already finished (its
+``rl/summary.json`` exists) is skipped, so an interrupted sweep can be restarted.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+GRID = flags.DEFINE_string("grid", "", "Overrides: 'a.b=v1,v2;c=w1,w2' (';' between fields).")
+SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds (comma-separated).")
+PARALLEL = flags.DEFINE_integer("parallel", 1, "Runs at a time.")
+INIT = flags.DEFINE_string("init", None, "--config.model.init for every run (e.g. hf:<sft dir>).")
+CONFIG_FILE = flags.DEFINE_string(
+    "config", "experiments/configs/sokoban.py:tiny", "Config file of every run."
+)
+WORKDIR = flags.DEFINE_string("workdir", "runs/sweep", "Parent directory of the runs.")
+EXTRA = flags.DEFINE_multi_string("override", [], "Extra --config.<field>=<value> for every run.")
+DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the commands only.")
+
+
+def parse_grid(spec: str) -> list[tuple[str, list[str]]]:
+    """``'a=1,2;b=x'`` -> ``[("a", ["1", "2"]), ("b", ["x"])]`` (raises on malformed input)."""
+    out = []
+    for part in filter(None, (p.strip() for p in spec.split(";"))):
+        if "=" not in part:
+            raise ValueError(f"grid entry {part!r} must look like field=v1,v2")
+        field, values = part.split("=", 1)
+        vals = [v.strip() for v in values.split(",") if v.strip()]
+        if not vals:
+            raise ValueError(f"grid entry {part!r} has no values")
+        out.append((field.strip(), vals))
+    return out
+
+
+def runs(grid: list[tuple[str, list[str]]], seeds: list[str]) -> list[dict[str, str]]:
+    """Every combination of the grid values and seeds, as ``{field: value}`` dicts."""
+    fields = [f for f, _ in grid]
+    combos = itertools.product(*(v for _, v in grid)) if grid else [()]
+    return [dict(zip(fields, combo), seed=seed) for combo in combos for seed in seeds]
+
+
+def command(run: dict[str, str], workdir: str) -> list[str]:
+    cmd = [sys.executable, "-m", "experiments.train", f"--config={CONFIG_FILE.value}"]
+    cmd += [f"--config.{k}={v}" for k, v in run.items()]
+    cmd += [f"--config.{o.removeprefix('--config.')}" for o in EXTRA.value]
+    if INIT.value:
+        cmd.append(f"--config.model.init={INIT.value}")
+    cmd.append(f"--workdir={workdir}")
+    return cmd
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    todo = []
+    for run in runs(parse_grid(GRID.value), SEEDS.value):
+        name = ",".join(f"{k}={v}" for k, v in run.items())
+        workdir = os.path.join(WORKDIR.value, name)
+        if os.path.exists(os.path.join(workdir, "rl", "summary.json")):
+            print(f"[sweep] done already: {name}")
+            continue
+        todo.append((name, command(run, workdir), workdir))
+    print(f"[sweep] {len(todo)} runs, {PARALLEL.value} at a time")
+    if DRY_RUN.value:
+        for _, cmd, _ in todo:
+            print(" ".join(cmd))
+        return
+    running: list[tuple[str, subprocess.Popen]] = []
+    failed = []
+    while todo or running:
+        while todo and len(running) < PARALLEL.value:
+            name, cmd, workdir = todo.pop(0)
+            os.makedirs(workdir, exist_ok=True)
+            log = open(os.path.join(workdir, "sweep.log"), "w")
+            running.append((name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)))
+            print(f"[sweep] started {name}")
+        time.sleep(1.0)
+        for item in list(running):
+            name, proc = item
+            if proc.poll() is not None:
+                running.remove(item)
+                print(f"[sweep] finished {name} (exit {proc.returncode})")
+                if proc.returncode:
+                    failed.append(name)
+    if failed:
+        raise SystemExit(f"[sweep] {len(failed)} runs failed: {failed} (see their sweep.log)")
+
+
+if __name__ == "__main__":
+    app.run(main)

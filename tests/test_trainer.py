@@ -1,0 +1,166 @@
+"""End-to-end trainer tests at tiny sizes: every algorithm x ActFocus, every environment (WebShop
+through the host loop), exact resume, checkpoint corruption fallback, NaN handling, config errors."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from actfocus_jax.models import save_pretrained
+from actfocus_jax.train.config import ConfigError, validate
+from actfocus_jax.train.trainer import Experiment, TrainingDivergedError
+from experiments.configs.base import get_base_config
+
+
+def tiny_config(tmp_path, env="sokoban", **kw):
+    c = get_base_config(env, "tiny")
+    c.workdir = str(tmp_path / "run")
+    c.data_dir = str(tmp_path / "data")
+    c.model.init = "random"
+    c.model.n_layers = 1
+    c.model.d_model = 64
+    c.model.mlp_dim = 128
+    c.data.num_train = 16
+    c.data.num_test = 4
+    c.rollout.num_tasks = 2
+    c.rollout.group_size = 2
+    c.rollout.max_response_tokens = 12
+    c.env.max_turns = 2
+    c.train.steps = 2
+    c.train.eval_every = 0
+    c.train.save_every = 1
+    c.eval.num_tasks = 2
+    c.eval.batch_size = 2
+    c.eval.sampled = False
+    c.optim.warmup_steps = 0
+    c.optim.learning_rate = 1e-3
+    c.mesh.data = 2  # the batch (4 episodes) is sharded over 2 of the test's 8 host devices
+    # A random policy gets the same reward in every rollout, so GRPO's advantages are all zero; the
+    # entropy bonus keeps the gradient non-zero so that "parameters change" is a real check.
+    c.algo.entropy_coef = 0.01
+    for key, value in kw.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def final_params(workdir):
+    return load_file(os.path.join(workdir, "rl", "final_policy", "model.safetensors"))
+
+
+def metrics_without_time(workdir):
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "rl", "metrics.jsonl"))]
+    return [{k: v for k, v in r.items() if not k.startswith("time")} for r in rows]
+
+
+def assert_trained(exp, c):
+    """Finite losses at every step, and the final policy differs from the (seeded) initial one."""
+    rows = metrics_without_time(c.workdir)
+    assert [r["step"] for r in rows] == list(range(1, c.train.steps + 1))
+    assert all(np.isfinite(r["train/loss"]) for r in rows)
+    after = final_params(c.workdir)
+    init_dir = os.path.join(c.workdir, "init")
+    save_pretrained(Experiment(c).init_policy(), exp.tokenizer, init_dir)
+    init_w = load_file(os.path.join(init_dir, "model.safetensors"))
+    assert after.keys() == init_w.keys()
+    assert any(not np.array_equal(after[k], init_w[k]) for k in init_w)
+
+
+@pytest.mark.parametrize(
+    "algo,actfocus", [("grpo", True), ("grpo", False), ("ppo", True), ("ppo", False)]
+)
+def test_end_to_end_algorithms(tmp_path, algo, actfocus):
+    c = tiny_config(tmp_path, **{"algo.algo": algo, "actfocus.enabled": actfocus})
+    exp = Experiment(c)
+    summary = exp.run_rl()
+    assert "final/greedy/success" in summary["final"]
+    assert_trained(exp, c)
+
+
+@pytest.mark.parametrize("env", ["frozenlake", "sudoku", "webshop"])
+def test_end_to_end_environments(tmp_path, env):
+    extra = {"rollout.path": "host"} if env == "webshop" else {}
+    if env == "webshop":
+        extra["env.max_actions_per_episode"] = 2
+    c = tiny_config(tmp_path, env, **extra)
+    exp = Experiment(c)
+    exp.run_rl()
+    assert_trained(exp, c)
+
+
+def test_resume_is_exact_and_survives_interrupted_and_corrupted_checkpoints(tmp_path):
+    full = tiny_config(tmp_path / "a", **{"train.steps": 4, "train.keep": 5})
+    Experiment(full).run_rl()
+
+    part = tiny_config(tmp_path / "b", **{"train.steps": 2, "train.keep": 5})
+    Experiment(part).run_rl()
+    ckpt_dir = os.path.join(part.workdir, "rl", "checkpoints")
+    # A write killed half-way leaves an orbax temporary directory: it must be ignored.
+    os.makedirs(os.path.join(ckpt_dir, "3.orbax-checkpoint-tmp", "state"))
+    resumed = tiny_config(tmp_path / "b", **{"train.steps": 4, "train.keep": 5})
+    Experiment(resumed).run_rl(resume=True)
+    a, b = final_params(full.workdir), final_params(part.workdir)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    assert metrics_without_time(full.workdir) == metrics_without_time(part.workdir)
+
+    # Corrupt the newest checkpoint: resuming falls back to the previous good one and still ends
+    # with the same parameters.
+    state_dir = os.path.join(ckpt_dir, "4", "state")
+    shutil.rmtree(state_dir)
+    os.makedirs(state_dir)
+    again = tiny_config(tmp_path / "b", **{"train.steps": 4, "train.keep": 5})
+    Experiment(again).run_rl(resume=True)
+    c = final_params(part.workdir)
+    for k in a:
+        np.testing.assert_array_equal(a[k], c[k])
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    from actfocus_jax.train.checkpoint import CheckpointNotFoundError
+
+    c = tiny_config(tmp_path)
+    with pytest.raises(CheckpointNotFoundError, match="resume"):
+        Experiment(c).run_rl(resume=True)
+
+
+def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path):
+    # One minibatch per step: step 1's update (lr 1e30) is finite but blows the parameters up, so
+    # step 2's loss is not finite and the run must stop with the step-1 checkpoint intact.
+    c = tiny_config(
+        tmp_path, **{"train.steps": 3, "optim.learning_rate": 1e30, "algo.num_minibatches": 1}
+    )
+    with pytest.raises(TrainingDivergedError, match="last good checkpoint"):
+        Experiment(c).run_rl()
+    from actfocus_jax.train.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(os.path.join(c.workdir, "rl"))
+    assert ckpt.all_steps() == [1]
+    restored = ckpt.restore(1)
+    assert restored.data_position == {"epoch": 0, "index": 2}
+    ckpt.close()
+
+
+def test_config_errors_name_the_field(tmp_path):
+    c = tiny_config(tmp_path, **{"rollout.group_size": 1})
+    with pytest.raises(ConfigError, match=r"rollout\.group_size"):
+        validate(c)
+    c = tiny_config(tmp_path, **{"algo.num_minibatches": 3})
+    with pytest.raises(ConfigError, match="num_minibatches"):
+        validate(c)
+    c = tiny_config(tmp_path, "webshop")
+    with pytest.raises(ConfigError, match=r"rollout\.path"):
+        validate(c)
+    c = tiny_config(tmp_path, **{"actfocus.tau": 0.0})
+    with pytest.raises(ConfigError, match="tau"):
+        validate(c)
+    c = tiny_config(tmp_path, **{"model.init": "sft"})
+    with pytest.raises(FileNotFoundError, match=r"experiments\.sft"):
+        Experiment(c).init_policy()
