@@ -497,6 +497,17 @@ def _host_feed(params, carry, chunk, chunk_len, turn, *, policy):
     return _feed_chunk(policy, params, carry, chunk, chunk_len, turn)
 
 
+@functools.partial(jax.jit, static_argnames=("env",))
+def _host_env_reset(keys, tasks, *, env):
+    return jax.vmap(env.reset)(keys, tasks)
+
+
+@functools.partial(jax.jit, static_argnames=("env",))
+def _host_env_step(env_state, responses, response_len, *, env):
+    parsed = jax.vmap(env.parse_actions)(responses, response_len)
+    return jax.vmap(env.step)(env_state, parsed)
+
+
 _host_record = jax.jit(_record_step)
 _host_build_chunk = jax.jit(_build_chunk, static_argnums=(0, 3, 4))
 _host_finish = jax.jit(_finish, static_argnums=(1, 2))
@@ -554,7 +565,7 @@ def rollout_host(
         ts = _stack_host_steps(steps, env.max_obs_len, template.pad_id)
     else:
         ep_tasks = _expand_tasks(tasks, group_size)
-        env_state, ts = jax.jit(jax.vmap(env.reset))(jax.random.split(key_reset, b), ep_tasks)
+        env_state, ts = _host_env_reset(jax.random.split(key_reset, b), ep_tasks, env=env)
     chunk, chunk_len = _host_build_chunk(
         template.first_prefix,
         jnp.asarray(ts.obs_tokens),
@@ -572,11 +583,6 @@ def rollout_host(
         s=s,
         t=cfg.max_turns,
         vocab=vocab,
-    )
-    step_fn = (
-        None
-        if host
-        else jax.jit(lambda st, r, n: jax.vmap(env.step)(st, jax.vmap(env.parse_actions)(r, n)))
     )
     for turn in range(cfg.max_turns):
         if not bool(jnp.any(carry.active)):
@@ -603,7 +609,7 @@ def rollout_host(
                 results.append(res)
             ts = _stack_host_steps(results, env.max_obs_len, template.pad_id)
         else:
-            new_state, ts = step_fn(env_state, resp, resp_len)
+            new_state, ts = _host_env_step(env_state, resp, resp_len, env=env)
             env_state = _select_rows(played, new_state, env_state)
         carry = _host_record(carry, t, played, ts)
         more = carry.active & (turn + 1 < cfg.max_turns)

@@ -1,0 +1,687 @@
+"""Benchmarks of the jitted train step, ActFocus overhead and the rollout engine.
+
+Run: ``python -m experiments.bench [--suite train,actfocus,rollout] [--out PATH] [--quick] [--reps N]``.
+
+Prints one table per suite and writes a JSON file (device kind, platform, jax / jaxlib versions, date,
+CPU count and load average at start, and every measurement). Compilation is always excluded: every
+program is compiled (``jit(...).lower(...).compile()``) or warmed up once before it is timed.
+
+Timing method. All variants compared in a table are timed in the same run with *interleaved*
+repetitions (A, B, A, B, ...; the order flips every repetition so that neither variant always runs
+right after the other), and the median over the repetitions is reported. On a shared, loaded machine
+this keeps ratios meaningful even when absolute numbers drift; each table also reports the median
+of the per-repetition ratios (adjacent A/B pairs), which is the most noise-robust number here.
+
+Suites:
+
+``actfocus``
+    Step time and compiled memory of GRPO vs ActFocus-GRPO and PPO vs ActFocus-PPO on the same
+    synthetic batch, same model and shapes (``ActFocusConfig()`` vs ``ActFocusConfig(enabled=False)``),
+    AdamW, ``num_minibatches=2``. Memory comes from the compiled executable's ``memory_analysis()``
+    (argument / output / alias / temp bytes; deterministic, independent of CPU noise). Targets: time
+    ratio <= 1.02, no extra memory.
+
+``train``
+    Train-step tokens/s and model FLOP utilisation (MFU) for several model shapes, sequence lengths
+    and batch sizes (GRPO + ActFocus, one epoch, one minibatch, no KL, so a step is exactly one
+    forward + backward of the policy over ``B x L`` tokens). The peak is a float32
+    ``m x n x k`` matmul measured interleaved with every shape (FLOP/s ``= 2 m n k / time``), and MFU
+    is computed against the peak measured alongside that shape.
+
+    Model FLOPs per token of a train step (forward + backward = 3 x forward)::
+
+        6 * N  +  12 * n_layers * d_attn * L
+
+    with ``N`` = non-embedding parameters + the LM-head matmul (``vocab x d_model``, counted even
+    when tied, since the head matmul runs; the embedding lookup is not a matmul), ``d_attn = n_heads
+    * head_dim`` and ``L`` the sequence length: ``QK^T`` and ``PV`` are ``2 * 2 * d_attn * L`` FLOPs
+    per token forward, x3 for forward + backward. The causal mask is not exploited by the attention
+    kernel, so the full ``L`` is counted (as PaLM's MFU does). Element-wise work (norms, RoPE,
+    softmax, the loss) is not counted. XLA's own ``compiled.cost_analysis()["flops"]`` is printed
+    next to it; note that XLA's cost analysis counts a ``while`` / ``scan`` body once, not once per
+    trip, so with the layers under ``lax.scan`` it under-counts by about ``n_layers``.
+
+``rollout``
+    Generated tokens/s and episodes/s of ``rollout_fused`` (whole multi-turn loop on device) vs
+    ``rollout_host`` (Python turn loop around jitted pieces) on the same tiny random transformer,
+    Sokoban tasks, batch and key (both paths give the same trajectories; the table says whether they
+    did). Each path is warmed up once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from actfocus_jax import envs
+from actfocus_jax.models import CausalLM, ModelConfig, get_config, value_model_from_policy
+from actfocus_jax.rl.actfocus import ActFocusConfig
+from actfocus_jax.rl.train_step import (
+    AlgoConfig,
+    TrainBatch,
+    TrainStatics,
+    init_train_state,
+    make_optimizer,
+    train_step,
+)
+from actfocus_jax.rollout import Role
+from actfocus_jax.rollout.engine import (
+    RolloutConfig,
+    make_turn_template,
+    rollout_fused,
+    rollout_host,
+    transformer_policy,
+)
+
+SUITES = ("actfocus", "train", "rollout")
+
+
+# ----------------------------------------------------------------------------------------- shapes
+def reference_config() -> ModelConfig:
+    """The reference shape: Qwen2-style, 4 layers, d_model 256, MLP 704, 8 heads / 2 kv heads of
+    32, vocab 512, tied embeddings, float32."""
+    return get_config(
+        "tiny",
+        n_layers=4,
+        d_model=256,
+        mlp_dim=704,
+        n_heads=8,
+        n_kv_heads=2,
+        head_dim=32,
+        vocab_size=512,
+        tie_embeddings=True,
+        param_dtype="float32",
+        dtype="float32",
+    )
+
+
+def small_config() -> ModelConfig:
+    """A 2-layer, d_model 64 model for the quick ActFocus comparison."""
+    return get_config("tiny", n_layers=2, d_model=64, mlp_dim=176, n_heads=4, n_kv_heads=2)
+
+
+def model_config(name: str) -> ModelConfig:
+    return {
+        "reference": reference_config,
+        "tiny": lambda: get_config("tiny"),
+        "small": small_config,
+    }[name]()
+
+
+def matmul_params(c: ModelConfig) -> int:
+    """Non-embedding parameters plus the LM-head matmul (``vocab x d_model``, tied or not)."""
+    return (
+        c.num_params()
+        - c.vocab_size * c.d_model
+        + (c.vocab_size * c.d_model if c.tie_embeddings else 0)
+    )
+
+
+def train_flops_per_token(c: ModelConfig, seq_len: int) -> float:
+    """``6 N + 12 n_layers d_attn L`` (see the module docstring)."""
+    return 6.0 * matmul_params(c) + 12.0 * c.n_layers * c.n_heads * c.head_dim * seq_len
+
+
+# ---------------------------------------------------------------------------------------- timing
+class CompileMeter:
+    """Seconds JAX spends tracing, lowering and compiling (``jax.monitoring`` duration events).
+
+    Used to check that timed calls do not compile, and to report how much of a call that does
+    (``rollout_host``) is compilation.
+    """
+
+    EVENTS = (
+        "/jax/core/compile/jaxpr_trace_duration",
+        "/jax/core/compile/jaxpr_to_mlir_module_duration",
+        "/jax/core/compile/backend_compile_duration",
+    )
+
+    def __init__(self):
+        self.seconds = 0.0
+        self.backend_compiles = 0
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+
+    def _listen(self, event: str, duration: float, **_: Any) -> None:
+        if event in self.EVENTS:
+            self.seconds += duration
+            self.backend_compiles += event == self.EVENTS[-1]
+
+
+_METER: CompileMeter | None = None
+
+
+def compile_meter() -> CompileMeter:
+    global _METER
+    if _METER is None:
+        _METER = CompileMeter()
+    return _METER
+
+
+def interleaved(
+    fns: dict[str, Callable[[], Any]], reps: int
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Times each callable ``reps`` times, interleaved (order flipped every repetition).
+
+    Returns:
+      ``(times, compile_times)``: wall seconds per call, and the part of each call that JAX spent
+      tracing / compiling (0 when the call hit the jit caches).
+    """
+    meter = compile_meter()
+    names = list(fns)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    compiles: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(reps):
+        for n in names if r % 2 == 0 else names[::-1]:
+            c0 = meter.seconds
+            t0 = time.perf_counter()
+            jax.block_until_ready(fns[n]())
+            times[n].append(time.perf_counter() - t0)
+            compiles[n].append(meter.seconds - c0)
+    return times, compiles
+
+
+def paired_ratio(a: list[float], b: list[float]) -> float:
+    """Median over repetitions of ``a_i / b_i`` (adjacent measurements of one repetition)."""
+    return statistics.median(x / y for x, y in zip(a, b, strict=True))
+
+
+class Stepper:
+    """Calls a compiled train step repeatedly, feeding the (donated) state back in."""
+
+    def __init__(self, compiled, state, batch, key):
+        self.compiled, self.state, self.batch, self.key = compiled, state, batch, key
+
+    def __call__(self):
+        self.state, metrics = self.compiled(self.state, self.batch, self.key)
+        return self.state, metrics
+
+
+# ----------------------------------------------------------------------------------------- batch
+def synthetic_batch(
+    batch: int, length: int, vocab: int, *, turns: int = 3, seed: int = 0
+) -> TrainBatch:
+    """A rollout-like batch: a prompt head, then ``turns`` x [reasoning, action, observation].
+
+    Rows have valid lengths in ``[3L/4, L]``; per turn ~70% reasoning, ~10% action, ~20% observation
+    (the last turn has none); a reward on the last token of every response.
+    """
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, vocab, (batch, length)).astype(np.int32)
+    roles = np.full((batch, length), Role.PAD, np.int8)
+    turn_ids = np.full((batch, length), -1, np.int32)
+    token_rewards = np.zeros((batch, length), np.float32)
+    head = max(1, length // 8)
+    for b in range(batch):
+        n = int(rng.integers(3 * length // 4, length + 1))
+        roles[b, :head] = Role.PROMPT
+        turn_ids[b, :head] = 0
+        seg = max(3, (n - head) // turns)
+        pos = head
+        for t in range(turns):
+            end = n if t == turns - 1 else min(n, pos + seg)
+            span = end - pos
+            if span <= 0:
+                break
+            n_obs = 0 if t == turns - 1 else span // 5
+            n_act = max(1, span // 10)
+            n_rea = max(0, span - n_obs - n_act)
+            roles[b, pos : pos + n_rea] = Role.REASONING
+            roles[b, pos + n_rea : pos + n_rea + n_act] = Role.ACTION
+            roles[b, pos + n_rea + n_act : end] = Role.PROMPT
+            turn_ids[b, pos:end] = t
+            token_rewards[b, pos + n_rea + n_act - 1] = rng.normal()
+            pos = end
+    valid = roles != Role.PAD
+    gen = (roles == Role.REASONING) | (roles == Role.ACTION)
+    old_logp = np.where(gen, -rng.uniform(0.05, 4.0, (batch, length)), 0.0).astype(np.float32)
+    return TrainBatch(
+        tokens=tokens,
+        valid=valid,
+        loss_mask=gen,
+        roles=roles,
+        turn_ids=turn_ids,
+        old_logp=old_logp,
+        entropy=np.abs(old_logp) * 1.5,
+        logit=-old_logp,
+        token_rewards=token_rewards,
+        episode_return=token_rewards.sum(1),
+    )
+
+
+def build_step(
+    c: ModelConfig, algo_cfg: AlgoConfig, batch: TrainBatch, seed: int = 0
+) -> tuple[Stepper, Any]:
+    """Compiles ``train_step`` for (model, config, batch); returns a :class:`Stepper` and the
+    compiled executable (for ``memory_analysis`` / ``cost_analysis``)."""
+    model = CausalLM(c, rngs=nnx.Rngs(seed))
+    graphdef, _ = nnx.split(model)
+    critic = value_model_from_policy(model) if algo_cfg.algo == "ppo" else None
+    statics = TrainStatics(
+        policy_graphdef=graphdef,
+        critic_graphdef=nnx.split(critic)[0] if critic is not None else None,
+        optimizer=make_optimizer(1e-6),
+        critic_optimizer=make_optimizer(1e-6) if critic is not None else None,
+        config=algo_cfg,
+    )
+    state = init_train_state(model, statics, critic)
+    batch = jax.tree.map(jnp.asarray, batch)
+    key = jax.random.key(seed)
+    compiled = train_step.lower(state, batch, key, statics=statics).compile()
+    return Stepper(compiled, state, batch, key), compiled
+
+
+def memory_stats(compiled) -> dict[str, int]:
+    """Byte counts of a compiled executable (``footprint = argument + output - alias + temp``)."""
+    ma = compiled.memory_analysis()
+    if ma is None:
+        return {}
+    out = {
+        k: int(getattr(ma, f"{k}_size_in_bytes"))
+        for k in ("argument", "output", "alias", "temp", "generated_code")
+        if hasattr(ma, f"{k}_size_in_bytes")
+    }
+    out["footprint"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+    if hasattr(ma, "peak_memory_in_bytes"):
+        out["peak_memory"] = int(ma.peak_memory_in_bytes)
+    return out
+
+
+def xla_flops(compiled) -> float | None:
+    try:
+        ca = compiled.cost_analysis()
+    except Exception:  # not every backend implements it
+        return None
+    if isinstance(ca, list):
+        ca = ca[0] if ca else None
+    return float(ca["flops"]) if ca and "flops" in ca else None
+
+
+# ------------------------------------------------------------------------------------ formatting
+def print_table(title: str, header: list[str], rows: list[list[Any]]) -> None:
+    def fmt(x):
+        if isinstance(x, float):
+            return f"{x:.4g}" if abs(x) < 1e5 else f"{x:.3e}"
+        return str(x)
+
+    cells = [header] + [[fmt(x) for x in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    print(f"\n== {title}")
+    for j, r in enumerate(cells):
+        print("  ".join(s.rjust(w) for s, w in zip(r, widths, strict=True)))
+        if j == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def mib(x: int) -> float:
+    return x / 2**20
+
+
+# ---------------------------------------------------------------------------------------- suites
+def suite_actfocus(quick: bool, reps: int | None) -> dict:
+    name, b, seq = ("small", 16, 128) if quick else ("reference", 16, 256)
+    reps = reps or (5 if quick else 7)
+    c = model_config(name)
+    batch = synthetic_batch(b, seq, c.vocab_size, seed=1)
+    results = []
+    rows = []
+    for algo in ("grpo", "ppo"):
+        variants = {}
+        for label, af in (("plain", ActFocusConfig(enabled=False)), ("actfocus", ActFocusConfig())):
+            cfg = AlgoConfig(algo=algo, group_size=8, num_minibatches=2, actfocus=af)
+            t0 = time.perf_counter()
+            stepper, compiled = build_step(c, cfg, batch)
+            variants[label] = (stepper, compiled, time.perf_counter() - t0)
+        for s, _, _ in variants.values():  # one untimed call each (buffer allocation, donation)
+            jax.block_until_ready(s())
+        times, comp = interleaved({k: v[0] for k, v in variants.items()}, reps)
+        mem = {k: memory_stats(v[1]) for k, v in variants.items()}
+        t_plain, t_af = statistics.median(times["plain"]), statistics.median(times["actfocus"])
+        res = dict(
+            algo=algo,
+            model=name,
+            batch=b,
+            seq_len=seq,
+            reps=reps,
+            time_plain_s=t_plain,
+            time_actfocus_s=t_af,
+            ratio_of_medians=t_af / t_plain,
+            median_paired_ratio=paired_ratio(times["actfocus"], times["plain"]),
+            times_plain_s=times["plain"],
+            times_actfocus_s=times["actfocus"],
+            compile_s={k: v[2] for k, v in variants.items()},
+            compile_s_during_timing={k: sum(v) for k, v in comp.items()},
+            memory_plain=mem["plain"],
+            memory_actfocus=mem["actfocus"],
+            memory_diff_bytes={
+                k: mem["actfocus"][k] - mem["plain"][k]
+                for k in mem["plain"]
+                if k in mem["actfocus"]
+            },
+        )
+        results.append(res)
+        d = res["memory_diff_bytes"]
+        rows.append(
+            [
+                algo.upper(),
+                f"{t_plain * 1e3:.1f}",
+                f"{t_af * 1e3:.1f}",
+                f"{res['ratio_of_medians']:.3f}",
+                f"{res['median_paired_ratio']:.3f}",
+                f"{mib(mem['plain'].get('footprint', 0)):.2f}",
+                f"{mib(mem['actfocus'].get('footprint', 0)):.2f}",
+                d.get("temp", "n/a"),
+                d.get("footprint", "n/a"),
+            ]
+        )
+    print_table(
+        f"actfocus: {name} model, batch {b} x {seq} tokens, AdamW, 2 minibatches, median of {reps}",
+        [
+            "algo",
+            "plain ms",
+            "actfocus ms",
+            "ratio",
+            "paired ratio",
+            "plain MiB",
+            "actfocus MiB",
+            "d temp B",
+            "d footprint B",
+        ],
+        rows,
+    )
+    return {"model_config": dataclasses.asdict(c), "results": results}
+
+
+def make_matmul(n: int) -> tuple[Callable[[], Any], float]:
+    k1, k2 = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(k1, (n, n), jnp.float32)
+    b = jax.random.normal(k2, (n, n), jnp.float32)
+    f = jax.jit(lambda x, y: x @ y)
+    jax.block_until_ready(f(a, b))
+    return (lambda: f(a, b)), 2.0 * n**3
+
+
+def suite_train(quick: bool, reps: int | None) -> dict:
+    reps = reps or (3 if quick else 5)
+    if quick:
+        shapes = [("reference", 8, 64), ("reference", 8, 128)]
+        mm_n = 1024
+    else:
+        shapes = [
+            ("tiny", 32, 256),
+            ("reference", 32, 128),
+            ("reference", 32, 256),
+            ("reference", 32, 512),
+            ("reference", 8, 256),
+            ("reference", 16, 256),
+        ]
+        mm_n = 2048
+    matmul, mm_flops = make_matmul(mm_n)
+    cfg = AlgoConfig(algo="grpo", group_size=8, num_minibatches=1, epochs=1, kl_coef=0.0)
+    results, rows = [], []
+    for name, b, seq in shapes:
+        c = model_config(name)
+        batch = synthetic_batch(b, seq, c.vocab_size, seed=2)
+        t0 = time.perf_counter()
+        stepper, compiled = build_step(c, cfg, batch)
+        compile_s = time.perf_counter() - t0
+        jax.block_until_ready(stepper())
+        times, comp = interleaved({"step": stepper, "matmul": matmul}, reps)
+        t_step, t_mm = statistics.median(times["step"]), statistics.median(times["matmul"])
+        peak = mm_flops / t_mm
+        tokens = b * seq
+        model_flops = tokens * train_flops_per_token(c, seq)
+        xf = xla_flops(compiled)
+        res = dict(
+            model=name,
+            batch=b,
+            seq_len=seq,
+            n_params=c.num_params(),
+            matmul_params=matmul_params(c),
+            tokens_per_step=tokens,
+            step_s=t_step,
+            tokens_per_s=tokens / t_step,
+            model_flops_per_step=model_flops,
+            xla_flops_per_step=xf,
+            achieved_flops_per_s=model_flops / t_step,
+            peak_matmul_flops_per_s=peak,
+            mfu=model_flops / t_step / peak,
+            compile_s=compile_s,
+            compile_s_during_timing=sum(comp["step"]) + sum(comp["matmul"]),
+            times_step_s=times["step"],
+            times_matmul_s=times["matmul"],
+            memory=memory_stats(compiled),
+        )
+        results.append(res)
+        rows.append(
+            [
+                name,
+                b,
+                seq,
+                f"{c.num_params() / 1e6:.2f}M",
+                f"{t_step * 1e3:.1f}",
+                f"{tokens / t_step:.0f}",
+                f"{model_flops / 1e9:.2f}",
+                "n/a" if xf is None else f"{xf / 1e9:.2f}",
+                f"{model_flops / t_step / 1e9:.2f}",
+                f"{peak / 1e9:.2f}",
+                f"{100 * res['mfu']:.1f}%",
+                f"{compile_s:.1f}",
+            ]
+        )
+    print_table(
+        f"train: GRPO+ActFocus step (1 epoch, 1 minibatch, no KL), median of {reps}; peak = "
+        f"{mm_n}^3 f32 matmul interleaved per shape",
+        [
+            "model",
+            "B",
+            "L",
+            "params",
+            "step ms",
+            "tok/s",
+            "model GFLOP",
+            "XLA GFLOP",
+            "GFLOP/s",
+            "peak GFLOP/s",
+            "MFU",
+            "compile s",
+        ],
+        rows,
+    )
+    peaks = [r["peak_matmul_flops_per_s"] for r in results]
+    return {
+        "matmul_n": mm_n,
+        "peak_matmul_flops_per_s_median": statistics.median(peaks),
+        "flops_formula": "per token: 6*(non-embedding params + vocab*d_model) + 12*n_layers*n_heads*head_dim*L",
+        "results": results,
+    }
+
+
+def suite_rollout(quick: bool, reps: int | None) -> dict:
+    reps = reps or (3 if quick else 5)
+    n_tasks, group, max_turns, max_resp = (2, 4, 2, 16) if quick else (4, 8, 3, 32)
+    env = envs.make("sokoban", max_turns=max_turns)
+    tok = env.tokenizer
+    base = get_config("tiny")
+    vocab = max(base.vocab_size, -(-tok.vocab_size // 64) * 64)
+    c = base.replace(vocab_size=vocab)
+    model = CausalLM(c, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    rng = np.random.default_rng(0)
+    tasks = jax.tree.map(lambda *x: np.stack(x), *[env.generate_task(rng) for _ in range(n_tasks)])
+    task_ids = np.arange(n_tasks, dtype=np.int32)
+    cfg = RolloutConfig(max_turns=max_turns, max_response_tokens=max_resp, temperature=1.0)
+    kwargs = dict(
+        policy=transformer_policy(graphdef, c),
+        env=env,
+        template=make_turn_template(tok, env.system_prompt(), "plain"),
+        cfg=cfg,
+        group_size=group,
+        vocab=vocab,
+    )
+    key = jax.random.key(0)
+    fns = {
+        "fused": lambda: rollout_fused(params, tasks, task_ids, key, **kwargs),
+        "host": lambda: rollout_host(params, tasks, task_ids, key, **kwargs),
+    }
+    warm = {}
+    bufs = {}
+    for k, f in fns.items():
+        t0 = time.perf_counter()
+        bufs[k] = jax.block_until_ready(f())
+        warm[k] = time.perf_counter() - t0
+    same = bool(np.array_equal(np.asarray(bufs["fused"].tokens), np.asarray(bufs["host"].tokens)))
+    gen_tokens = {k: int(np.asarray(v.generated).sum()) for k, v in bufs.items()}
+    episodes = n_tasks * group
+    times, comp = interleaved(fns, reps)
+    # rollout_host builds fresh jax.jit wrappers for the env reset / step on every call, so each call
+    # re-traces and re-compiles them (see the README); "excl. compile" subtracts the time JAX
+    # reported for tracing + compiling inside each timed call.
+    net = {k: [t - c for t, c in zip(times[k], comp[k], strict=True)] for k in fns}
+    results = {}
+    rows = []
+    for k in fns:
+        t, tn = statistics.median(times[k]), statistics.median(net[k])
+        results[k] = dict(
+            time_s=t,
+            compile_s_in_call=statistics.median(comp[k]),
+            time_excl_compile_s=tn,
+            generated_tokens=gen_tokens[k],
+            tokens_per_s=gen_tokens[k] / t,
+            episodes_per_s=episodes / t,
+            tokens_per_s_excl_compile=gen_tokens[k] / tn,
+            episodes_per_s_excl_compile=episodes / tn,
+            first_call_s=warm[k],
+            times_s=times[k],
+            compile_times_s=comp[k],
+        )
+        rows.append(
+            [
+                k,
+                f"{t * 1e3:.0f}",
+                f"{statistics.median(comp[k]) * 1e3:.0f}",
+                f"{tn * 1e3:.0f}",
+                gen_tokens[k],
+                f"{gen_tokens[k] / t:.0f}",
+                f"{episodes / t:.2f}",
+                f"{gen_tokens[k] / tn:.0f}",
+                f"{episodes / tn:.2f}",
+                f"{warm[k]:.1f}",
+            ]
+        )
+    speedup = statistics.median(times["host"]) / statistics.median(times["fused"])
+    paired = paired_ratio(times["host"], times["fused"])
+    speedup_net = statistics.median(net["host"]) / statistics.median(net["fused"])
+    print_table(
+        f"rollout: Sokoban, tiny random model ({c.num_params() / 1e6:.2f}M), {n_tasks} tasks x "
+        f"{group} = {episodes} episodes, {max_turns} turns x {max_resp} tokens, median of {reps}; "
+        f"same trajectories: {same}",
+        [
+            "path",
+            "ms",
+            "in-call compile ms",
+            "ms excl. compile",
+            "gen tokens",
+            "tok/s",
+            "episodes/s",
+            "tok/s excl.",
+            "episodes/s excl.",
+            "first call s",
+        ],
+        rows,
+    )
+    print(
+        f"fused speed-up over host: {speedup:.2f}x (median paired ratio {paired:.2f}x); "
+        f"excluding the host path's in-call re-compilation: {speedup_net:.2f}x"
+    )
+    return dict(
+        n_tasks=n_tasks,
+        group_size=group,
+        episodes=episodes,
+        max_turns=max_turns,
+        max_response_tokens=max_resp,
+        reps=reps,
+        same_trajectories=same,
+        fused_speedup=speedup,
+        fused_speedup_paired=paired,
+        fused_speedup_excl_compile=speedup_net,
+        results=results,
+    )
+
+
+# ------------------------------------------------------------------------------------------ main
+def environment_info() -> dict:
+    dev = jax.devices()[0]
+    try:
+        import jaxlib
+
+        jaxlib_version = jaxlib.__version__
+    except Exception:  # pragma: no cover
+        jaxlib_version = None
+    return dict(
+        date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        jax_version=jax.__version__,
+        jaxlib_version=jaxlib_version,
+        platform=dev.platform,
+        device_kind=dev.device_kind,
+        device_count=jax.device_count(),
+        cpu_count=os.cpu_count(),
+        load_average_at_start=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        machine=platform.machine(),
+        processor=platform.processor(),
+        python=sys.version.split()[0],
+        xla_flags=os.environ.get("XLA_FLAGS", ""),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--suite", default=",".join(SUITES), help=f"comma-separated subset of {SUITES}")
+    p.add_argument("--out", default=None, help="JSON output path (default: none)")
+    p.add_argument("--quick", action="store_true", help="small shapes, few repetitions (< 2 min)")
+    p.add_argument("--reps", type=int, default=None, help="override the repetitions per variant")
+    args = p.parse_args(argv)
+    suites = [s.strip() for s in args.suite.split(",") if s.strip()]
+    for s in suites:
+        if s not in SUITES:
+            p.error(f"unknown suite {s!r}; choose from {SUITES}")
+    info = environment_info()
+    print(
+        f"jax {info['jax_version']} on {info['device_kind']} ({info['platform']}, "
+        f"{info['device_count']} device(s), {info['cpu_count']} CPUs, load {info['load_average_at_start']})"
+    )
+    out: dict[str, Any] = {"environment": info, "quick": args.quick, "suites": {}}
+    fns = {"actfocus": suite_actfocus, "train": suite_train, "rollout": suite_rollout}
+    t_all = time.perf_counter()
+    for s in suites:
+        t0 = time.perf_counter()
+        out["suites"][s] = fns[s](args.quick, args.reps)
+        out["suites"][s]["suite_wall_s"] = time.perf_counter() - t0
+    out["total_wall_s"] = time.perf_counter() - t_all
+    out["environment"]["load_average_at_end"] = (
+        list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    )
+    print(f"\ntotal {out['total_wall_s']:.1f} s")
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=1)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
