@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 from absl import app, flags
+from absl import logging as absl_logging
 
 from experiments._common import CONFIG, WORKDIR
 
@@ -20,6 +21,7 @@ SPLIT = flags.DEFINE_enum("split", "test", ["train", "test"], "Task split.")
 
 def main(argv: list[str]) -> None:
     del argv
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
     from actfocus_jax.train.trainer import Experiment
 
     exp = Experiment(CONFIG.value, WORKDIR.value)

@@ -1,10 +1,9 @@
 """Demo: sample from the tiny embedded policy and check the recorded log-probs against ``score``.
 
-Run as ``python -m experiments.main``. Builds the embedded word-level tokenizer and the ``tiny``
+Run as ``python -m experiments.generate``. Builds the embedded word-level tokenizer and the ``tiny``
 model (random init), generates a sampled continuation of a short Sokoban-like prompt for a small
 batch (KV cache, ``lax.while_loop``), prints the text and a per-token log-prob / entropy summary, and
-re-scores the sequences with :func:`actfocus_jax.models.score` to show that both agree. It will be
-replaced by the full training job.
+re-scores the sequences with :func:`actfocus_jax.models.score` to show that both agree.
 """
 
 from __future__ import annotations

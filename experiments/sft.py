@@ -9,12 +9,14 @@ Writes the fine-tuned policy as a Hugging Face directory to ``<workdir>/sft`` (t
 from __future__ import annotations
 
 from absl import app
+from absl import logging as absl_logging
 
 from experiments._common import CONFIG, WORKDIR
 
 
 def main(argv: list[str]) -> None:
     del argv
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
     from actfocus_jax.train.trainer import Experiment
 
     exp = Experiment(CONFIG.value, WORKDIR.value)

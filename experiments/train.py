@@ -10,6 +10,7 @@ latest one exactly where it stopped.
 from __future__ import annotations
 
 from absl import app, flags
+from absl import logging as absl_logging
 
 from experiments._common import CONFIG, WORKDIR
 
@@ -18,6 +19,7 @@ RESUME = flags.DEFINE_bool("resume", False, "Continue from the latest checkpoint
 
 def main(argv: list[str]) -> None:
     del argv
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
     from actfocus_jax.train.trainer import Experiment
 
     exp = Experiment(CONFIG.value, WORKDIR.value)

@@ -20,6 +20,7 @@ def tiny_config(tmp_path, env="sokoban", **kw):
     c.workdir = str(tmp_path / "run")
     c.data_dir = str(tmp_path / "data")
     c.model.init = "random"
+    c.debug = True  # chex checks of every rollout buffer (shapes, dtypes, finiteness, layout)
     c.model.n_layers = 1
     c.model.d_model = 64
     c.model.mlp_dim = 128

@@ -45,7 +45,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from actfocus_jax.data.reasoning import Expert, format_response, make_expert
-from actfocus_jax.data.tasks import TaskSetError, build_task_set, load_tasks
+from actfocus_jax.data.tasks import TaskSetError, build_task_set, load_tasks, prepare_once
 from actfocus_jax.rollout.engine import TurnTemplate, make_turn_template, system_prompt_for
 from actfocus_jax.rollout.masks import compute_roles
 
@@ -519,8 +519,10 @@ def build_demos(
         name=name, env=env, env_options=tuple(sorted(options.items())), **settings
     )
     builder = SftDemos(config=config, data_dir=os.fspath(data_dir), file_format="array_record")
-    builder.download_and_prepare()
-    return builder
+    return prepare_once(
+        builder,
+        lambda: SftDemos(config=config, data_dir=os.fspath(data_dir), file_format="array_record"),
+    )
 
 
 # ----------------------------------------------------------------------------------------------

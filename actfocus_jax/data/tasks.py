@@ -30,6 +30,7 @@ __all__ = [
     "build_task_set",
     "generate_tasks",
     "load_tasks",
+    "prepare_once",
     "task_fingerprint",
 ]
 
@@ -155,6 +156,22 @@ class TaskSet(tfds.core.GeneratorBasedBuilder):
             yield i, example
 
 
+def prepare_once(builder: Any, reopen: Any) -> Any:
+    """``builder.download_and_prepare()``, tolerating another process preparing the same dataset.
+
+    Parallel runs (e.g. a sweep) may build the same dataset at once; TFDS writes into a temporary
+    directory and renames it, so the loser of the race gets ``FileExistsError``: the dataset is then
+    complete and is reopened with ``reopen()``.
+    """
+    try:
+        builder.download_and_prepare()
+        return builder
+    except FileExistsError:
+        fresh = reopen()
+        fresh.download_and_prepare()  # finds the finished dataset; no work
+        return fresh
+
+
 def _config(env: str, **kw: Any) -> TaskSetConfig:
     options = tuple(sorted(kw.pop("env_options", {}).items()))
     name = kw.pop("name", None) or env
@@ -184,8 +201,10 @@ def build_task_set(
         env, name=name, env_options=options, num_train=num_train, num_test=num_test, seed=seed
     )
     builder = TaskSet(config=config, data_dir=os.fspath(data_dir), file_format="array_record")
-    builder.download_and_prepare()
-    return builder
+    return prepare_once(
+        builder,
+        lambda: TaskSet(config=config, data_dir=os.fspath(data_dir), file_format="array_record"),
+    )
 
 
 def load_tasks(

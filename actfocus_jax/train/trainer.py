@@ -16,12 +16,14 @@ import os
 import time
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from actfocus_jax import envs
+from actfocus_jax.data.webshop_goals import build_webshop_goals, load_goal_indices
 from actfocus_jax.models import CausalLM, get_config, load_pretrained, save_pretrained
 from actfocus_jax.models.transformer import init_model, value_model_from_policy
 from actfocus_jax.rl.train_step import (
@@ -171,12 +173,21 @@ class Experiment:
             )
         return self._task_set
 
+    def goal_set(self):
+        """The TFDS dataset of WebShop instructions (built on first use)."""
+        if self._task_set is None:
+            # Only the options that define the catalog and its splits: episode limits do not change
+            # the goals (the stored reference solutions use the env's default action budget).
+            opts = env_options_from(self.config)
+            catalog_keys = ("data_path", "seed", "num_products", "num_goals", "test_fraction")
+            opts = {k: v for k, v in opts.items() if k in (*catalog_keys, "split_seed")}
+            self._task_set = build_webshop_goals(self.data_dir, env_options=opts)
+        return self._task_set
+
     def tasks(self, split: str, indices: Any = None) -> tuple[Any, np.ndarray]:
         """``(tasks, task_ids)`` of a split: pytree batch (JAX envs) or goal indices (WebShop)."""
         if self.is_host_env:
-            goals = np.asarray(self.env.goals(split), np.int32)
-            if indices is not None:
-                goals = goals[np.asarray(indices)]
+            goals = load_goal_indices(self.goal_set(), split, indices)
             return list(goals), goals
         from actfocus_jax.data.tasks import load_tasks
 
@@ -442,6 +453,8 @@ def run_rl(exp: Experiment, *, resume: bool = False) -> dict[str, Any]:
                         "lower optim.learning_rate or set --config.nan_policy=skip, then --resume."
                     )
                 print(f"[train] {msg}; update skipped (nan_policy=skip)")
+            elif c.debug:
+                chex.assert_tree_all_finite(m)  # every loss, ratio, weight and advantage
             position = next_position
             metrics = episode_metrics(buf, "rollout/")
             metrics.update(_flat("train/", _scalars(m)))

@@ -1,0 +1,33 @@
+"""The README's main job: the embedded default end to end on a 2-core CPU in about 15 minutes.
+
+Sokoban (6x6, 1 box), the tiny model warm-started by SFT on epsilon-noisy solver demonstrations,
+then ActFocus-GRPO. Sizes are chosen so that the whole job fits a small CPU budget; see README.md
+for the numbers it produced.
+"""
+
+from experiments.configs.base import get_base_config
+
+
+def get_config(model: str = "tiny"):
+    c = get_base_config("sokoban", model or "tiny")
+    c.workdir = "runs/main"
+    c.env.max_turns = 3
+    c.data.num_train = 512
+    c.data.num_test = 128
+    c.sft.steps = 150
+    c.sft.batch_size = 16
+    c.sft.max_len = 320
+    c.sft.num_tasks = 384
+    c.sft.demos_per_task = 1
+    c.sft.epsilon = 0.3
+    c.sft.learning_rate = 2e-3
+    c.rollout.num_tasks = 8
+    c.rollout.group_size = 8
+    c.rollout.max_response_tokens = 48
+    c.optim.learning_rate = 5e-5
+    c.train.steps = 40
+    c.train.eval_every = 20
+    c.train.save_every = 10
+    c.eval.num_tasks = 128
+    c.eval.batch_size = 64
+    return c
