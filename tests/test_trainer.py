@@ -138,6 +138,7 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path):
     c = tiny_config(
         tmp_path, **{"train.steps": 3, "optim.learning_rate": 1e30, "algo.num_minibatches": 1}
     )
+    c.debug = False  # debug mode would stop earlier, at the chex check of step 2's NaN rollout
     with pytest.raises(TrainingDivergedError, match="last good checkpoint"):
         Experiment(c).run_rl()
     from actfocus_jax.train.checkpoint import Checkpointer
