@@ -27,7 +27,7 @@ MESHES = {"dp2-fsdp2": (2, 2, 1), "fsdp2-tp2": (1, 2, 2)}
 
 
 def make_batch(vocab: int):
-    """The synthetic rollout batch of ``tests/test_sharding.py`` (NumPy leaves)."""
+    """A synthetic rollout batch (NumPy leaves) shared by this worker and ``tests/test_sharding.py``."""
     from actfocus_jax.rl.train_step import TrainBatch
     from actfocus_jax.rollout import Role
 
@@ -62,12 +62,13 @@ def build_problem():
     import optax
     from flax import nnx
 
-    from actfocus_jax.models import CausalLM, get_config
+    from actfocus_jax.models import get_config
+    from actfocus_jax.models.transformer import init_model
     from actfocus_jax.rl.actfocus import ActFocusConfig
     from actfocus_jax.rl.train_step import AlgoConfig, TrainStatics
 
     config = get_config("tiny", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16)
-    model = CausalLM(config, rngs=nnx.Rngs(0))
+    model = init_model(config, 0)
     graphdef, _ = nnx.split(model)
     statics = TrainStatics(
         policy_graphdef=graphdef,

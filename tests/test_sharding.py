@@ -8,72 +8,24 @@ would test Adam's sign sensitivity rather than the sharding.
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
-from flax import nnx
+from _distributed_worker import build_problem  # the same model, optimiser and batch
 
-from actfocus_jax.models import get_config
-from actfocus_jax.models.transformer import init_model
 from actfocus_jax.parallel import logical_to_mesh, make_mesh, shard_batch, shard_params
-from actfocus_jax.rl.actfocus import ActFocusConfig
-from actfocus_jax.rl.train_step import (
-    AlgoConfig,
-    TrainBatch,
-    TrainStatics,
-    init_train_state,
-    train_step,
-)
-from actfocus_jax.rollout import Role
+from actfocus_jax.rl.train_step import init_train_state, train_step
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (host) devices")
 
-B, L = 8, 24
-
-
-def _batch(vocab):
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, vocab, (B, L)).astype(np.int32)
-    length = rng.integers(L // 2, L + 1, B)
-    valid = np.arange(L)[None, :] < length[:, None]
-    roles = np.where(np.arange(L)[None, :] < 6, Role.PROMPT, rng.integers(1, 3, (B, L)))
-    roles = np.where(valid, roles, Role.PAD).astype(np.int8)
-    gen = (roles == Role.REASONING) | (roles == Role.ACTION)
-    turn_ids = np.where(valid, np.arange(L)[None, :] // 12, -1).astype(np.int32)
-    old_logp = np.where(gen, -rng.uniform(0.5, 4.0, (B, L)), 0.0).astype(np.float32)
-    rewards = rng.normal(size=B).astype(np.float32)
-    token_rewards = np.zeros((B, L), np.float32)
-    token_rewards[np.arange(B), length - 1] = rewards
-    return TrainBatch(
-        tokens=tokens,
-        valid=valid,
-        loss_mask=gen,
-        roles=roles,
-        turn_ids=turn_ids,
-        old_logp=old_logp,
-        entropy=np.abs(old_logp),
-        logit=-old_logp,
-        token_rewards=token_rewards,
-        episode_return=rewards,
-    )
-
 
 def _run(mesh_sizes):
-    config = get_config("tiny", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16)
-    model = init_model(config, 0)
-    graphdef, _ = nnx.split(model)
-    statics = TrainStatics(
-        policy_graphdef=graphdef,
-        critic_graphdef=None,
-        optimizer=optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.5)),
-        critic_optimizer=None,
-        config=AlgoConfig(group_size=4, num_minibatches=2, kl_coef=0.01, actfocus=ActFocusConfig()),
-    )
+    model, statics, batch = build_problem()
     state = init_train_state(model, statics)
-    batch = jax.tree.map(jnp.asarray, _batch(config.vocab_size))
+    batch = jax.tree.map(jnp.asarray, batch)
     if mesh_sizes is not None:
         mesh = make_mesh(*mesh_sizes)
         state = state.replace(
-            params=shard_params(state.params, mesh), ref_params=shard_params(state.ref_params, mesh)
+            params=shard_params(state.params, mesh),
+            ref_params=shard_params(state.ref_params, mesh),
         )
         state = state.replace(opt_state=statics.optimizer.init(state.params))
         batch = shard_batch(batch, mesh)
