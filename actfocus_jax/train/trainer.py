@@ -82,10 +82,6 @@ def episode_metrics(buf: RolloutBuffer, prefix: str = "") -> dict[str, float]:
     return {f"{prefix}{k}": v for k, v in out.items()}
 
 
-def _stack(tasks: list[Any]) -> Any:
-    return jax.tree.map(lambda *x: np.stack(x), *tasks)
-
-
 class Experiment:
     """Everything one config needs, built lazily.
 
