@@ -35,8 +35,8 @@ from actfocus_jax.models.transformer import apply, apply_values
 from actfocus_jax.rl.actfocus import (
     ActFocusConfig,
     ActFocusStats,
+    actfocus_weights,
     token_energies,
-    token_weights_and_stats,
 )
 from actfocus_jax.rl.advantages import broadcast_to_tokens, gae, grpo_advantages
 from actfocus_jax.rl.losses import (
@@ -408,23 +408,15 @@ def train_step(
     energies = token_energies(
         af.energy, logp=batch.old_logp, entropy=batch.entropy, logit=batch.logit
     )
-    energies = jnp.where(mask, energies, 0.0)
-    if af.enabled:
-        weights, af_stats = token_weights_and_stats(
-            batch.roles, energies, batch.turn_ids, **af.weight_kwargs()
-        )
-    else:
-        weights, af_stats = token_weights_and_stats(
-            batch.roles,
-            energies,
-            batch.turn_ids,
-            alpha=1.0,
-            beta=0.0,
-            tau=1.0,
-            w_max=1.0,
-            scope="trajectory",
-            normalize="none",
-        )
+    energies = jnp.where(mask, energies, 0.0)  # reported in the metrics
+    weights, af_stats = actfocus_weights(
+        af,
+        batch.roles,
+        batch.turn_ids,
+        logp=batch.old_logp,
+        entropy=batch.entropy,
+        logit=batch.logit,
+    )
     per_row = dict(batch=batch, advantages=adv, weights=weights, returns=returns, old_values=values)
     if ref_logp is not None:
         per_row["ref_logp"] = ref_logp
