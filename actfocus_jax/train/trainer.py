@@ -319,11 +319,19 @@ class Experiment:
         model, _ = load_pretrained(path)
         self.policy_config = model.config
         graphdef, params = nnx.split(model)
-        out = _prefixed("greedy/", self.evaluate(graphdef, params, split=split, greedy=True))
+        return self.evaluate_modes(graphdef, params, split=split)
+
+    def evaluate_modes(
+        self, graphdef: Any, params: Any, *, split: str = "test", prefix: str = ""
+    ) -> dict[str, float]:
+        """:meth:`evaluate` greedy (keys ``{prefix}greedy/...``) and, if ``config.eval.sampled``,
+        with sampling (``{prefix}sampled/...``)."""
+        out = _prefixed(
+            f"{prefix}greedy/", self.evaluate(graphdef, params, split=split, greedy=True)
+        )
         if self.config.eval.sampled:
-            out.update(
-                _prefixed("sampled/", self.evaluate(graphdef, params, split=split, greedy=False))
-            )
+            sampled = self.evaluate(graphdef, params, split=split, greedy=False)
+            out.update(_prefixed(f"{prefix}sampled/", sampled))
         return out
 
     def step_tasks(self, position: dict[str, int]) -> tuple[Any, np.ndarray, dict[str, int]]:
@@ -382,7 +390,12 @@ def run_rl(exp: Experiment, *, resume: bool = False) -> dict[str, Any]:
         shard_params,
     )
     from actfocus_jax.train.checkpoint import Checkpointer
-    from actfocus_jax.train.logging import MetricsLogger, plot_curves, summary_table
+    from actfocus_jax.train.logging import (
+        MetricsLogger,
+        plot_curves,
+        read_metrics,
+        summary_table,
+    )
 
     c = exp.config
     rl_dir = os.path.join(exp.workdir, "rl")
@@ -485,22 +498,15 @@ def run_rl(exp: Experiment, *, resume: bool = False) -> dict[str, Any]:
     save_pretrained(
         nnx.merge(graphdef, state.params), exp.tokenizer, os.path.join(rl_dir, "final_policy")
     )
-    final = _prefixed("final/greedy/", exp.evaluate(graphdef, state.params, greedy=True))
-    if c.eval.sampled:
-        final.update(
-            _prefixed("final/sampled/", exp.evaluate(graphdef, state.params, greedy=False))
-        )
-    records = _read_records(rl_dir)
+    final = exp.evaluate_modes(graphdef, state.params, prefix="final/")
+    records = read_metrics(rl_dir)
     keys = ["rollout/success", "rollout/return", "train/loss", "eval/success"]
-    plot_curves(
-        records,
-        [k for k in keys if any(k in r for r in records)],
-        os.path.join(rl_dir, "curves.png"),
-    )
+    keys = [k for k in keys if any(k in r for r in records)]
+    plot_curves(records, keys, os.path.join(rl_dir, "curves.png"))
     summary = {"final": final, "steps": c.train.steps, "workdir": rl_dir}
     with open(os.path.join(rl_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2, sort_keys=True)
-    print(summary_table(records, [k for k in keys if any(k in r for r in records)]))
+    print(summary_table(records, keys))
     return summary
 
 
@@ -511,12 +517,6 @@ def _scalars(m: Any) -> Any:
 
 def _prefixed(prefix: str, d: dict[str, float]) -> dict[str, float]:
     return {f"{prefix}{k}": v for k, v in d.items()}
-
-
-def _read_records(workdir: str) -> list[dict]:
-    from actfocus_jax.train.logging import read_metrics
-
-    return read_metrics(workdir)
 
 
 def run_sft(exp: Experiment) -> dict[str, Any]:
