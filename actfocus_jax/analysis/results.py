@@ -1,0 +1,502 @@
+"""Results of runs and sweeps: held-out success per variant, mean and t-interval over seeds.
+
+Pure functions over the files the trainer writes (no JAX, no SciPy). A run directory made by
+``experiments/train.py`` (or one run of ``experiments/sweep.py``) holds::
+
+    <run>/rl/metrics.jsonl   one record per RL step; periodic held-out evaluations (greedy) as
+                             ``eval/<metric>`` (``eval/greedy/<m>`` / ``eval/sampled/<m>`` also read)
+    <run>/rl/summary.json    written at the end of the run: ``{"final": {"final/greedy/<m>": ...,
+                             "final/sampled/<m>": ...}, "steps": N, "workdir": ...}``
+    <run>/main_result.json   (``experiments/main.py`` only) ``"warm_start"``: the SFT policy's
+                             evaluation, used as step 0
+
+and a sweep directory holds one such run per subdirectory, named after its overrides
+(``actfocus.alpha=0.1,algo.algo=ppo,seed=2``). The *variant* of a run is its name without the
+``seed=`` part; runs of a variant are its seeds.
+
+Every held-out evaluation of a run becomes an *evaluation point* ``{step: {"greedy/success": ...,
+"sampled/success": ...}}``. Per run and metric, ``final`` is the value at the last step where the
+metric was evaluated and ``best`` the maximum over the steps (an optimistic, per-seed choice of the
+step). Per variant, :func:`aggregate` reports for each the mean over seeds, the sample standard
+deviation and the Student-t interval ``mean +- t_{(1+c)/2, n-1} * sd / sqrt(n)`` with ``n`` the
+number of seeds (:func:`mean_ci`; undefined, ``None``, for ``n < 2``), and ``best_common_step``:
+the step, among those evaluated in every seed, where the mean over seeds is largest (less
+optimistic than the per-seed best).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+__all__ = [
+    "DEFAULT_METRICS",
+    "aggregate",
+    "aggregate_sweep",
+    "eval_points",
+    "markdown_table",
+    "mean_ci",
+    "metric_curve",
+    "parse_run_name",
+    "read_run",
+    "read_sweep",
+    "run_outcomes",
+    "seed_curves",
+    "t_cdf",
+    "t_quantile",
+    "text_table",
+    "write_aggregate",
+]
+
+#: Held-out metrics tabulated by default (those the trainer records; absent ones are skipped).
+DEFAULT_METRICS = ("greedy/success", "sampled/success", "greedy/return", "sampled/return")
+
+
+# ------------------------------------------------------------------------------ Student t
+def t_cdf(t: float, df: int) -> float:
+    """CDF of Student's t with an integer number of degrees of freedom ``df >= 1``.
+
+    Exact finite series (Abramowitz & Stegun 26.7.3-4) for ``A(t) = P(|T| <= |t|)`` with
+    ``theta = atan(|t| / sqrt(df))``: for odd ``df``
+    ``A = 2/pi * (theta + sin cos * (1 + 2/3 cos^2 + (2*4)/(3*5) cos^4 + ...))`` (no sum for
+    ``df = 1``), for even ``df`` ``A = sin * (1 + 1/2 cos^2 + (1*3)/(2*4) cos^4 + ...)``, each sum
+    with ``(df - 1) // 2`` terms; ``F(t) = (1 + sign(t) A) / 2``.
+    """
+    if int(df) != df or df < 1:
+        raise ValueError(f"df must be an integer >= 1, got {df}")
+    df = int(df)
+    if math.isnan(t):
+        return math.nan
+    if math.isinf(t):
+        return 1.0 if t > 0 else 0.0
+    theta = math.atan(abs(t) / math.sqrt(df))
+    s, c2 = math.sin(theta), math.cos(theta) ** 2
+    term, total = 1.0, 1.0
+    if df % 2:
+        for k in range(1, (df - 1) // 2):
+            term *= c2 * (2 * k) / (2 * k + 1)
+            total += term
+        a = 2.0 / math.pi * (theta + (s * math.cos(theta) * total if df > 1 else 0.0))
+    else:
+        for k in range(1, df // 2):
+            term *= c2 * (2 * k - 1) / (2 * k)
+            total += term
+        a = s * total
+    a = min(max(a, 0.0), 1.0)
+    return 0.5 * (1.0 + a) if t >= 0 else 0.5 * (1.0 - a)
+
+
+def t_quantile(p: float, df: int) -> float:
+    """Quantile of Student's t (integer ``df >= 1``), by bisection on :func:`t_cdf` to ~1e-12."""
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"p must be in (0, 1), got {p}")
+    if p == 0.5:
+        return 0.0
+    if p < 0.5:
+        return -t_quantile(1.0 - p, df)
+    lo, hi = 0.0, 1.0
+    while t_cdf(hi, df) < p:
+        lo, hi = hi, hi * 2.0
+        if hi > 1e300:
+            return math.inf
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if t_cdf(mid, df) < p:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo <= 1e-12 * max(1.0, hi):
+            break
+    return 0.5 * (lo + hi)
+
+
+def mean_ci(values: Iterable[float], confidence: float = 0.95) -> dict[str, Any]:
+    """Mean and Student-t confidence interval over independent values (e.g. one per seed).
+
+    Returns ``{"mean", "std", "n", "lo", "hi", "half_width", "confidence"}`` with ``std`` the
+    sample standard deviation (ddof 1) and ``half_width = t_{(1+c)/2, n-1} * std / sqrt(n)``.
+    ``std`` / ``lo`` / ``hi`` / ``half_width`` are ``None`` for ``n < 2`` and ``mean`` is ``None``
+    for ``n = 0``. Non-finite and ``None`` values are dropped (``n`` counts the rest).
+    """
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    xs = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    n = len(xs)
+    out: dict[str, Any] = {
+        "mean": None,
+        "std": None,
+        "n": n,
+        "lo": None,
+        "hi": None,
+        "half_width": None,
+        "confidence": confidence,
+    }
+    if n == 0:
+        return out
+    m = math.fsum(xs) / n
+    out["mean"] = m
+    if n >= 2:
+        sd = math.sqrt(math.fsum((x - m) ** 2 for x in xs) / (n - 1))
+        h = t_quantile(0.5 + confidence / 2.0, n - 1) * sd / math.sqrt(n)
+        out.update(std=sd, lo=m - h, hi=m + h, half_width=h)
+    return out
+
+
+# ------------------------------------------------------------------------------ reading runs
+def parse_run_name(name: str) -> tuple[str, str | None]:
+    """``"a=1,b=x,seed=2"`` -> ``("a=1,b=x", "2")``: the variant (overrides without the seed, in
+    their order) and the seed (``None`` if the name has no ``seed=`` part). A name without
+    overrides is its own variant."""
+    parts = [p for p in name.split(",") if p]
+    seed = None
+    rest = []
+    for p in parts:
+        key, sep, value = p.partition("=")
+        if sep and key == "seed":
+            seed = value
+        else:
+            rest.append(p)
+    return ",".join(rest) if rest else ("(base)" if seed is not None else name), seed
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    records = []
+    if not os.path.isfile(path):
+        return records
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:  # a torn last line of a crashed run
+                continue
+    return records
+
+
+def _read_json(path: str) -> Any:
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _eval_key(key: str, prefix: str) -> str | None:
+    """``eval/success`` -> ``greedy/success``; ``eval/sampled/x`` -> ``sampled/x`` (else None)."""
+    if not key.startswith(prefix):
+        return None
+    rest = key[len(prefix) :]
+    if rest.startswith(("greedy/", "sampled/")):
+        return rest
+    return "greedy/" + rest
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))
+
+
+def eval_points(
+    records: Sequence[Mapping],
+    summary: Mapping | None = None,
+    warm_start: Mapping | None = None,
+) -> dict[int, dict[str, float]]:
+    """Held-out evaluations of one run as ``{step: {"greedy/success": v, ...}}`` (steps ascending).
+
+    Args:
+      records: ``metrics.jsonl`` records; ``eval/<m>`` keys are the trainer's periodic greedy
+        evaluations (``eval/greedy/<m>`` and ``eval/sampled/<m>`` are read as such).
+      summary: ``rl/summary.json``; its ``final`` (``final/greedy/<m>``, ``final/sampled/<m>``) is
+        the evaluation at step ``summary["steps"]`` (it wins over a periodic one at that step).
+      warm_start: the evaluation of the initial policy (``greedy/<m>``, ...), as step 0.
+    """
+    points: dict[int, dict[str, float]] = {}
+    if warm_start:
+        points[0] = {k: float(v) for k, v in warm_start.items() if _is_number(v)}
+    for r in records:
+        if "step" not in r:
+            continue
+        vals = {}
+        for k, v in r.items():
+            name = _eval_key(k, "eval/")
+            if name is not None and _is_number(v):
+                vals[name] = float(v)
+        if vals:
+            points.setdefault(int(r["step"]), {}).update(vals)
+    if summary and isinstance(summary.get("final"), Mapping) and "steps" in summary:
+        vals = {}
+        for k, v in summary["final"].items():
+            name = _eval_key(k, "final/")
+            if name is not None and _is_number(v):
+                vals[name] = float(v)
+        if vals:
+            points.setdefault(int(summary["steps"]), {}).update(vals)
+    return dict(sorted(points.items()))
+
+
+def read_run(run_dir: str | os.PathLike, name: str | None = None) -> dict[str, Any]:
+    """One run directory as a plain dict.
+
+    Returns ``{"name", "variant", "seed", "dir", "complete" (rl/summary.json exists), "steps"
+    (last logged step), "evals" (:func:`eval_points`), "records" (metrics.jsonl)}``.
+    """
+    run_dir = os.fspath(run_dir)
+    name = name or os.path.basename(os.path.normpath(run_dir))
+    rl = os.path.join(run_dir, "rl")
+    records = _read_jsonl(os.path.join(rl, "metrics.jsonl"))
+    summary = _read_json(os.path.join(rl, "summary.json"))
+    main = _read_json(os.path.join(run_dir, "main_result.json")) or {}
+    variant, seed = parse_run_name(name)
+    steps = [int(r["step"]) for r in records if "step" in r]
+    return {
+        "name": name,
+        "variant": variant,
+        "seed": seed,
+        "dir": run_dir,
+        "complete": summary is not None,
+        "steps": max(steps) if steps else (summary or {}).get("steps"),
+        "evals": eval_points(records, summary, main.get("warm_start")),
+        "records": records,
+    }
+
+
+def read_sweep(sweep_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every run of a sweep directory (subdirectories with ``rl/metrics.jsonl`` or
+    ``rl/summary.json``), sorted by name, as :func:`read_run` dicts."""
+    sweep_dir = os.fspath(sweep_dir)
+    if not os.path.isdir(sweep_dir):
+        raise FileNotFoundError(f"no sweep directory {sweep_dir}")
+    runs = []
+    for name in sorted(os.listdir(sweep_dir)):
+        rl = os.path.join(sweep_dir, name, "rl")
+        if os.path.isfile(os.path.join(rl, "metrics.jsonl")) or os.path.isfile(
+            os.path.join(rl, "summary.json")
+        ):
+            runs.append(read_run(os.path.join(sweep_dir, name), name))
+    return runs
+
+
+# ------------------------------------------------------------------------------ aggregation
+def run_outcomes(
+    evals: Mapping[int, Mapping[str, float]], metrics: Sequence[str] = DEFAULT_METRICS
+) -> dict[str, dict[str, Any]]:
+    """Per metric of one run: ``{"final", "final_step", "best", "best_step"}`` (metrics never
+    evaluated are absent; the earliest step wins a tie for the best)."""
+    out = {}
+    for m in metrics:
+        pts = [(s, v[m]) for s, v in sorted(evals.items()) if m in v]
+        if not pts:
+            continue
+        best_step, best = max(pts, key=lambda sv: (sv[1], -sv[0]))
+        out[m] = {
+            "final": pts[-1][1],
+            "final_step": pts[-1][0],
+            "best": best,
+            "best_step": best_step,
+        }
+    return out
+
+
+def _seed_key(seed: str | None) -> tuple:
+    if seed is None:
+        return (2, "")
+    try:
+        return (0, float(seed))
+    except ValueError:
+        return (1, seed)
+
+
+def aggregate(
+    runs: Sequence[Mapping[str, Any]],
+    metrics: Sequence[str] = DEFAULT_METRICS,
+    *,
+    confidence: float = 0.95,
+    include_incomplete: bool = False,
+) -> dict[str, Any]:
+    """Per-variant tables of final-step and best-step held-out metrics over seeds.
+
+    Args:
+      runs: :func:`read_run` dicts (``variant``, ``seed``, ``complete``, ``evals``, ...).
+      metrics: metric names of the evaluation points (``"greedy/success"``, ...).
+      confidence: level of the t-intervals.
+      include_incomplete: also use runs without ``rl/summary.json`` (still running or failed);
+        by default they are listed under ``"skipped"`` only.
+
+    Returns:
+      ``{"confidence", "metrics", "skipped": [names], "variants": [{"variant", "n_runs",
+      "seeds", "runs", "metrics": {m: {"final": ci, "best": ci, "final_step": [steps],
+      "best_step": [steps], "best_common_step": {"step", **ci} | None}}}]}`` with ``ci`` as
+      :func:`mean_ci` (over the seeds that evaluated ``m``; ``n`` says how many). Variants keep
+      the order in which they first appear in ``runs``.
+    """
+    used = [r for r in runs if r.get("complete") or include_incomplete]
+    skipped = [r["name"] for r in runs if r not in used]
+    by_variant: dict[str, list[Mapping]] = {}
+    for r in used:
+        by_variant.setdefault(r["variant"], []).append(r)
+    variants = []
+    for variant, group in by_variant.items():
+        group = sorted(group, key=lambda r: _seed_key(r.get("seed")))
+        outcomes = [run_outcomes(r["evals"], metrics) for r in group]
+        table = {}
+        for m in metrics:
+            have = [(r, o[m]) for r, o in zip(group, outcomes) if m in o]
+            if not have:
+                continue
+            entry = {
+                "final": mean_ci([o["final"] for _, o in have], confidence),
+                "best": mean_ci([o["best"] for _, o in have], confidence),
+                "final_step": [o["final_step"] for _, o in have],
+                "best_step": [o["best_step"] for _, o in have],
+                "best_common_step": None,
+            }
+            common = set.intersection(
+                *({s for s, v in r["evals"].items() if m in v} for r, _ in have)
+            )
+            if common:
+                cis = {s: mean_ci([r["evals"][s][m] for r, _ in have], confidence) for s in common}
+                step = max(sorted(common), key=lambda s: cis[s]["mean"])
+                entry["best_common_step"] = {"step": step, **cis[step]}
+            table[m] = entry
+        variants.append(
+            {
+                "variant": variant,
+                "n_runs": len(group),
+                "seeds": [r.get("seed") for r in group],
+                "runs": [r["name"] for r in group],
+                "metrics": table,
+            }
+        )
+    return {
+        "confidence": confidence,
+        "metrics": list(metrics),
+        "skipped": skipped,
+        "variants": variants,
+    }
+
+
+def aggregate_sweep(
+    sweep_dir: str | os.PathLike,
+    metrics: Sequence[str] = DEFAULT_METRICS,
+    *,
+    confidence: float = 0.95,
+    include_incomplete: bool = False,
+) -> dict[str, Any]:
+    """:func:`aggregate` of :func:`read_sweep` (plus ``"sweep_dir"``)."""
+    runs = read_sweep(sweep_dir)
+    out = aggregate(runs, metrics, confidence=confidence, include_incomplete=include_incomplete)
+    out["sweep_dir"] = os.fspath(sweep_dir)
+    return out
+
+
+# ------------------------------------------------------------------------------ learning curves
+def metric_curve(records: Sequence[Mapping], key: str) -> tuple[list[int], list[float]]:
+    """``(steps, values)`` of ``key`` in metrics records (missing / non-finite values skipped)."""
+    pts = [
+        (int(r["step"]), float(r[key])) for r in records if "step" in r and _is_number(r.get(key))
+    ]
+    return [s for s, _ in pts], [v for _, v in pts]
+
+
+def seed_curves(
+    runs: Sequence[Mapping[str, Any]], key: str, *, confidence: float = 0.95
+) -> dict[str, dict[str, list]]:
+    """Per variant, the mean over seeds of a metrics.jsonl ``key`` at every step logged by all of
+    its seeds, with the t-interval: ``{variant: {"step", "mean", "lo", "hi", "n"}}`` (``lo`` /
+    ``hi`` are ``None`` where ``n < 2``)."""
+    by_variant: dict[str, list[dict[int, float]]] = {}
+    for r in runs:
+        steps, vals = metric_curve(r["records"], key)
+        if steps:
+            by_variant.setdefault(r["variant"], []).append(dict(zip(steps, vals)))
+    out = {}
+    for variant, curves in by_variant.items():
+        common = sorted(set.intersection(*(set(c) for c in curves)))
+        cis = [mean_ci([c[s] for c in curves], confidence) for s in common]
+        out[variant] = {
+            "step": common,
+            "mean": [c["mean"] for c in cis],
+            "lo": [c["lo"] for c in cis],
+            "hi": [c["hi"] for c in cis],
+            "n": [c["n"] for c in cis],
+        }
+    return out
+
+
+# ------------------------------------------------------------------------------ tables
+def _fmt(x: Any, digits: int = 3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _cell(ci: Mapping[str, Any], digits: int = 3) -> str:
+    """``0.512 ± 0.041 [0.471, 0.553]`` (``±`` the t half-width; no interval for ``n < 2``)."""
+    if ci["mean"] is None:
+        return "-"
+    if ci["half_width"] is None:
+        return _fmt(ci["mean"], digits)
+    return (
+        f"{_fmt(ci['mean'], digits)} ± {_fmt(ci['half_width'], digits)} "
+        f"[{_fmt(ci['lo'], digits)}, {_fmt(ci['hi'], digits)}]"
+    )
+
+
+def _rows(agg: Mapping[str, Any], digits: int) -> tuple[list[str], list[list[str]]]:
+    pct = round(100 * agg["confidence"])
+    header = ["variant", "metric", "n", f"final (mean ± t{pct})", f"best (mean ± t{pct})"]
+    header += ["best step (per seed)", "best common step"]
+    rows = []
+    for v in agg["variants"]:
+        for m, e in v["metrics"].items():
+            common = e["best_common_step"]
+            rows.append(
+                [
+                    v["variant"],
+                    m,
+                    str(e["final"]["n"]),
+                    _cell(e["final"], digits),
+                    _cell(e["best"], digits),
+                    ",".join(str(s) for s in e["best_step"]),
+                    "-" if common is None else f"{common['step']}: {_cell(common, digits)}",
+                ]
+            )
+    return header, rows
+
+
+def markdown_table(agg: Mapping[str, Any], digits: int = 3) -> str:
+    """A Markdown table of :func:`aggregate` (one row per variant x metric)."""
+    header, rows = _rows(agg, digits)
+    esc = lambda s: s.replace("|", "\\|")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
+    if agg.get("skipped"):
+        lines += ["", f"Skipped (incomplete): {', '.join(agg['skipped'])}"]
+    return "\n".join(lines)
+
+
+def text_table(agg: Mapping[str, Any], digits: int = 3) -> str:
+    """A plain-text, column-aligned version of :func:`markdown_table`."""
+    header, rows = _rows(agg, digits)
+    widths = [max(len(r[j]) for r in [header, *rows]) for j in range(len(header))]
+    fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
+    lines = [fmt(header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows]
+    if agg.get("skipped"):
+        lines.append(f"skipped (incomplete): {', '.join(agg['skipped'])}")
+    return "\n".join(lines)
+
+
+def write_aggregate(agg: Mapping[str, Any], out_dir: str | os.PathLike) -> dict[str, str]:
+    """Writes ``aggregate.json`` and ``aggregate.md`` into ``out_dir``; returns their paths."""
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {
+        "json": os.path.join(out_dir, "aggregate.json"),
+        "markdown": os.path.join(out_dir, "aggregate.md"),
+    }
+    with open(paths["json"], "w") as f:
+        json.dump(agg, f, indent=2, allow_nan=False)
+    with open(paths["markdown"], "w") as f:
+        f.write(markdown_table(agg) + "\n")
+    return paths

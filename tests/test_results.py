@@ -1,0 +1,188 @@
+"""Sweep aggregation: Student-t quantiles and intervals vs known values / plain-float64
+references, and the per-variant tables of a hand-built sweep directory (tests/fake_sweep.py)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+from fake_sweep import FAKE_SWEEP, write_fake_sweep
+
+from actfocus_jax.analysis import results as R
+
+# Two-sided 95% / 90% / 99% critical values of Student's t (standard tables).
+T_TABLE = [
+    (0.975, 1, 12.7062),
+    (0.975, 2, 4.3027),
+    (0.975, 3, 3.1824),
+    (0.975, 4, 2.7764),
+    (0.975, 5, 2.5706),
+    (0.975, 10, 2.2281),
+    (0.975, 30, 2.0423),
+    (0.95, 1, 6.3138),
+    (0.95, 5, 2.0150),
+    (0.995, 9, 3.2498),
+]
+
+
+@pytest.mark.parametrize("p,df,expected", T_TABLE)
+def test_t_quantile_matches_tables(p, df, expected):
+    q = R.t_quantile(p, df)
+    assert q == pytest.approx(expected, abs=1e-4)
+    assert R.t_quantile(1 - p, df) == pytest.approx(-q, abs=1e-12)
+    assert R.t_cdf(q, df) == pytest.approx(p, abs=1e-10)
+
+
+def test_t_cdf_closed_forms():
+    # df=1 is the Cauchy distribution; df=2 has F(t) = 1/2 + t / (2 sqrt(2 + t^2)).
+    for t in (-3.0, -0.4, 0.0, 0.7, 1.0, 25.0):
+        assert R.t_cdf(t, 1) == pytest.approx(0.5 + math.atan(t) / math.pi, abs=1e-14)
+        assert R.t_cdf(t, 2) == pytest.approx(0.5 + t / (2 * math.sqrt(2 + t * t)), abs=1e-14)
+    assert R.t_cdf(math.inf, 3) == 1.0 and R.t_cdf(-math.inf, 3) == 0.0
+    # Large df tends to the normal: 97.5% quantile 1.95996.
+    assert R.t_quantile(0.975, 20000) == pytest.approx(1.95996, abs=2e-4)
+    for t in (-2.0, 0.3, 1.5):  # symmetric
+        assert R.t_cdf(t, 7) + R.t_cdf(-t, 7) == pytest.approx(1.0, abs=1e-14)
+    with pytest.raises(ValueError):
+        R.t_cdf(1.0, 2.5)
+    with pytest.raises(ValueError):
+        R.t_quantile(1.0, 3)
+
+
+def _reference_ci(xs, t_crit):
+    n = len(xs)
+    m = sum(xs) / n
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1))
+    return m, sd, t_crit * sd / math.sqrt(n)
+
+
+@pytest.mark.parametrize(
+    "xs,t_crit",
+    [
+        ([0.25, 0.5, 0.375], 4.302653),
+        ([0.1, 0.9, 0.4, 0.6, 0.3], 2.776445),
+        ([1.0, 3.0], 12.706205),
+    ],
+)
+def test_mean_ci_matches_float64_reference(xs, t_crit):
+    m, sd, h = _reference_ci(xs, t_crit)
+    ci = R.mean_ci(xs)
+    assert ci["n"] == len(xs)
+    assert ci["mean"] == pytest.approx(m, rel=1e-12)
+    assert ci["std"] == pytest.approx(sd, rel=1e-12)
+    assert ci["half_width"] == pytest.approx(h, rel=1e-6)
+    assert (ci["lo"], ci["hi"]) == (pytest.approx(m - h, rel=1e-6), pytest.approx(m + h, rel=1e-6))
+
+
+def test_mean_ci_degenerate_cases():
+    one = R.mean_ci([0.5])
+    assert one["mean"] == 0.5 and one["n"] == 1 and one["lo"] is None and one["std"] is None
+    empty = R.mean_ci([None, float("nan")])
+    assert empty["n"] == 0 and empty["mean"] is None
+    same = R.mean_ci([0.2, 0.2, 0.2])
+    assert same["half_width"] == pytest.approx(0.0, abs=1e-15)
+    with pytest.raises(ValueError):
+        R.mean_ci([1.0, 2.0], confidence=1.0)
+
+
+def test_parse_run_name():
+    assert R.parse_run_name("actfocus.alpha=0.1,algo.algo=ppo,seed=2") == (
+        "actfocus.alpha=0.1,algo.algo=ppo",
+        "2",
+    )
+    assert R.parse_run_name("seed=3") == ("(base)", "3")
+    assert R.parse_run_name("main") == ("main", None)
+
+
+def test_eval_points_merge_periodic_final_and_warm_start():
+    records = [
+        {"step": 1, "train/loss": 1.0},
+        {"step": 2, "eval/success": 0.25, "eval/sampled/success": 0.5},
+        {"step": 4, "eval/success": 0.5},
+    ]
+    summary = {"steps": 4, "final": {"final/greedy/success": 0.75, "final/sampled/success": 0.1}}
+    pts = R.eval_points(records, summary, {"greedy/success": 0.0, "note": "x"})
+    assert pts == {
+        0: {"greedy/success": 0.0},
+        2: {"greedy/success": 0.25, "sampled/success": 0.5},
+        4: {"greedy/success": 0.75, "sampled/success": 0.1},
+    }
+    out = R.run_outcomes(pts, ["greedy/success", "sampled/success", "greedy/return"])
+    assert out["greedy/success"] == {"final": 0.75, "final_step": 4, "best": 0.75, "best_step": 4}
+    assert out["sampled/success"] == {"final": 0.1, "final_step": 4, "best": 0.5, "best_step": 2}
+    assert "greedy/return" not in out
+
+
+def test_aggregate_fake_sweep(tmp_path):
+    sweep = tmp_path / "sweep"
+    names = write_fake_sweep(sweep)
+    # An unfinished run (no summary.json) is skipped by default.
+    os.makedirs(sweep / "actfocus.enabled=true,seed=2" / "rl")
+    (sweep / "actfocus.enabled=true,seed=2" / "rl" / "metrics.jsonl").write_text(
+        json.dumps({"step": 1, "eval/success": 1.0}) + "\n"
+    )
+    agg = R.aggregate_sweep(sweep)
+    assert agg["skipped"] == ["actfocus.enabled=true,seed=2"]
+    assert [v["variant"] for v in agg["variants"]] == [
+        "actfocus.enabled=false",
+        "actfocus.enabled=true",
+    ]
+    assert sorted(r for v in agg["variants"] for r in v["runs"]) == sorted(names)
+    for v in agg["variants"]:
+        spec = FAKE_SWEEP[v["variant"]]
+        assert v["seeds"] == ["0", "1"] and v["n_runs"] == 2
+        g = v["metrics"]["greedy/success"]
+        finals = [spec[s][0][-1] for s in ("0", "1")]
+        bests = [max(spec[s][0]) for s in ("0", "1")]
+        m, _, h = _reference_ci(finals, 12.706205)
+        assert g["final"]["n"] == 2
+        assert g["final"]["mean"] == pytest.approx(m) and g["final"]["half_width"] == pytest.approx(
+            h, rel=1e-6
+        )
+        assert g["best"]["mean"] == pytest.approx(sum(bests) / 2)
+        assert g["final_step"] == [4, 4]
+        # Best step shared by both seeds: the step with the highest mean over seeds.
+        means = {s: sum(spec[k][0][i] for k in ("0", "1")) / 2 for i, s in enumerate((2, 4))}
+        best_common = max(means, key=means.get)
+        assert g["best_common_step"]["step"] == best_common
+        assert g["best_common_step"]["mean"] == pytest.approx(means[best_common])
+        sampled = v["metrics"]["sampled/success"]
+        assert sampled["final"]["mean"] == pytest.approx(sum(spec[s][1] for s in ("0", "1")) / 2)
+        assert sampled["best_step"] == [4, 4]  # sampled is evaluated at the end only
+    with_incomplete = R.aggregate_sweep(sweep, include_incomplete=True)
+    v = next(v for v in with_incomplete["variants"] if v["variant"] == "actfocus.enabled=true")
+    assert v["n_runs"] == 3 and v["metrics"]["greedy/success"]["best"]["n"] == 3
+    assert v["metrics"]["sampled/success"]["final"]["n"] == 2
+
+    md = R.markdown_table(agg)
+    assert md.splitlines()[0].startswith("| variant | metric | n |")
+    assert "actfocus.enabled=true | greedy/success | 2 |" in md
+    assert "Skipped (incomplete)" in md
+    text = R.text_table(agg)
+    assert "sampled/success" in text and "±" in text
+
+
+def test_seed_curves(tmp_path):
+    write_fake_sweep(tmp_path)
+    curves = R.seed_curves(R.read_sweep(tmp_path), "eval/success")
+    c = curves["actfocus.enabled=true"]
+    assert c["step"] == [2, 4] and c["n"] == [2, 2]
+    assert c["mean"] == pytest.approx([0.375, 0.375])
+    assert c["lo"][0] < c["mean"][0] < c["hi"][0]
+
+
+def test_aggregate_cli_writes_json_and_markdown(tmp_path):
+    write_fake_sweep(tmp_path / "sweep")
+    out = subprocess.run(
+        [sys.executable, "-m", "experiments.aggregate", f"--sweep_dir={tmp_path / 'sweep'}"],
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        check=True,
+    )
+    assert "greedy/success" in out.stdout
+    agg = json.loads((tmp_path / "sweep" / "aggregate.json").read_text())
+    assert len(agg["variants"]) == 2
+    assert (tmp_path / "sweep" / "aggregate.md").read_text().startswith("| variant")
