@@ -47,8 +47,9 @@ def bigram_init(batch, max_len):
 POLICY = Policy(apply=bigram_apply, init_cache=bigram_init)
 
 
-@pytest.fixture(scope="module")
-def setup():
+def build_setup(num_tasks=3):
+    """``(env, tokenizer, bigram params, tasks, template)`` for Sokoban (also used by
+    ``tests/test_rollout_sharding.py``)."""
     env = envs.make("sokoban")
     tok = env.tokenizer
     vocab = tok.vocab_size
@@ -67,19 +68,26 @@ def setup():
     table[ids["Up"], ids["</answer>"]] += 6.0
     table[ids["Left"], ids["</answer>"]] += 6.0
     params = jnp.asarray(table)
-    tasks = [env.generate_task(rng) for _ in range(3)]
+    tasks = [env.generate_task(rng) for _ in range(num_tasks)]
     tasks = jax.tree.map(lambda *x: np.stack(x), *tasks)
     template = make_turn_template(tok, env.system_prompt(), "plain")
     return env, tok, params, tasks, template
 
 
-def _run(setup, path, cfg, key=0, group_size=2):
+@pytest.fixture(scope="module")
+def setup():
+    return build_setup()
+
+
+def run_rollout(setup, path, cfg, key=0, group_size=2, **kwargs):
+    """One rollout of the bigram policy over all tasks of ``setup`` (``kwargs``: e.g. ``mesh``)."""
     env, tok, params, tasks, template = setup
     fn = rollout_fused if path == "fused" else rollout_host
+    num_tasks = jax.tree.leaves(tasks)[0].shape[0]
     return fn(
         params,
         tasks,
-        np.arange(3, dtype=np.int32),
+        np.arange(num_tasks, dtype=np.int32),
         jax.random.key(key),
         policy=POLICY,
         env=env,
@@ -87,6 +95,7 @@ def _run(setup, path, cfg, key=0, group_size=2):
         cfg=cfg,
         group_size=group_size,
         vocab=tok.vocab_size,
+        **kwargs,
     )
 
 
@@ -108,8 +117,8 @@ def _rescore(params, buf, temperature):
 @pytest.mark.parametrize("greedy", [True, False])
 def test_fused_and_host_paths_agree(setup, greedy):
     cfg = RolloutConfig(max_turns=3, max_response_tokens=12, temperature=0.7, greedy=greedy)
-    fused = _run(setup, "fused", cfg)
-    host = _run(setup, "host", cfg)
+    fused = run_rollout(setup, "fused", cfg)
+    host = run_rollout(setup, "host", cfg)
     check_buffer(fused)
     check_buffer(host)
     chex.assert_trees_all_equal(fused, host)
@@ -118,7 +127,7 @@ def test_fused_and_host_paths_agree(setup, greedy):
 def test_buffer_logprobs_equal_rescoring_and_layout(setup):
     _, _, params, _, template = setup
     cfg = RolloutConfig(max_turns=3, max_response_tokens=12, temperature=0.8)
-    buf = _run(setup, "fused", cfg, key=3)
+    buf = run_rollout(setup, "fused", cfg, key=3)
     check_buffer(buf)
     ref = _rescore(params, buf, cfg.temperature)
     np.testing.assert_allclose(np.asarray(buf.old_logp), ref, atol=1e-5)
@@ -147,7 +156,7 @@ def test_episodes_that_end_stop_generating(setup):
     # A policy that always answers "Up" ends episodes at different times (action cap / success);
     # after done no token is generated and no turn is counted.
     cfg = RolloutConfig(max_turns=5, max_response_tokens=8, greedy=True)
-    buf = _run(setup, "fused", cfg)
+    buf = run_rollout(setup, "fused", cfg)
     gen_turns = np.asarray(buf.turn_ids)[np.asarray(buf.generated)]
     for b in range(buf.tokens.shape[0]):
         turns_b = np.asarray(buf.turn_ids[b])[np.asarray(buf.generated[b])]

@@ -305,20 +305,28 @@ class Backbone(nnx.Module):
     ) -> tuple[jax.Array, KVCache]:
         """Appends a ragged chunk to the cache; see :func:`forward_with_cache`. Returns hidden states."""
         c = self.config
-        b, t = tokens.shape
+        t = tokens.shape[1]
         length = cache.length
         positions = length[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, T]
         slots = jnp.arange(cache.max_len, dtype=jnp.int32)
         mask = slots[None, None, :] <= positions[:, :, None]  # [B, T, S]: s < length + t + 1
-        rows = jnp.arange(b, dtype=jnp.int32)[:, None]
         x = self._embed(tokens)
+
+        def write(cache_kv, layer, new):
+            # Per row (vmap over B, axis 1 of the cache): the scatter has an explicit batch
+            # dimension, so a batch-sharded cache is updated locally under SPMD partitioning.
+            return jax.vmap(
+                lambda ckv, pos, n: ckv.at[layer, pos].set(n.astype(ckv.dtype), mode="drop"),
+                in_axes=(1, 0, 0),
+                out_axes=1,
+            )(cache_kv, positions, new)
 
         def body(carry, xs):
             x, ck, cv = carry
             p, layer = xs
             q, k, v = _qkv(c, p, x, positions)
-            ck = ck.at[layer, rows, positions].set(k.astype(ck.dtype), mode="drop")
-            cv = cv.at[layer, rows, positions].set(v.astype(cv.dtype), mode="drop")
+            ck = write(ck, layer, k)
+            cv = write(cv, layer, v)
             k_all = jax.lax.dynamic_index_in_dim(ck, layer, 0, keepdims=False)
             v_all = jax.lax.dynamic_index_in_dim(cv, layer, 0, keepdims=False)
             attn = attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask)

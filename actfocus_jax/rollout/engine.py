@@ -18,6 +18,18 @@ environment's pure ``parse_actions`` / ``step`` inside: no host round trip per t
 The policy is given as a :class:`Policy`: ``init_cache(batch, max_len)`` and a pure
 ``apply(params, tokens [B, T], num_valid [B], cache) -> (logits [B, T, V] float32, cache)`` obeying the
 per-row write-position cache contract of :mod:`actfocus_jax.models.sampling`.
+
+Sharding (DESIGN.md section 8): ``rollout_fused(..., mesh=mesh)`` splits the episode batch over the
+mesh's batch axes ``("data", "fsdp")``, as :func:`actfocus_jax.parallel.shard_batch` does for
+training. Every per-episode array of the loop (buffer, KV cache, next-token logits, environment
+state) carries a ``with_sharding_constraint`` on its episode axis, so XLA's SPMD partitioner keeps
+each device on its own rows and the returned :class:`RolloutBuffer` is sharded on its batch
+dimension. Parameters stay where the caller put them (e.g. :func:`actfocus_jax.parallel.shard_params`,
+as in training). The per-row writes (buffer slots, KV cache) are ``vmap``-ed scatters, so on a pure
+data mesh the only cross-device traffic of the loop is the "any episode still running?" flag of each
+``while_loop`` condition. With JAX's default partitionable threefry (``jax_threefry_partitionable``)
+every random draw depends only on the key and the row, so a sharded rollout gives the same episodes as
+a single-device one (float32 log-probs / entropies equal up to rounding, ~1e-6).
 """
 
 from __future__ import annotations
@@ -31,8 +43,10 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from actfocus_jax.models.sampling import sample_token
+from actfocus_jax.parallel import BATCH_AXES, logical_to_mesh
 from actfocus_jax.rollout.buffer import RolloutBuffer
 from actfocus_jax.rollout.masks import compute_roles
 from actfocus_jax.text.chat import format_observation, format_prompt
@@ -42,6 +56,7 @@ __all__ = [
     "Policy",
     "RolloutConfig",
     "TurnTemplate",
+    "check_rollout_batch",
     "make_turn_template",
     "rollout_fused",
     "rollout_host",
@@ -59,10 +74,15 @@ class Policy:
     Attributes:
       apply: ``(params, tokens int32[B, T], num_valid int32[B], cache) -> (logits f32[B, T, V], cache)``.
       init_cache: ``(batch, max_len) -> cache`` with an int32 ``length [B]`` field (all zeros).
+      cache_axes: ``(cache) -> pytree of PartitionSpec`` (the cache's structure) naming each cache
+        leaf's logical axes, ``"batch"`` on the episode axis; other names map to mesh axes through
+        :data:`actfocus_jax.parallel.DEFAULT_RULES`. Only sharded rollouts use it; None: the leading
+        axis of every leaf is the episode axis.
     """
 
     apply: Callable[..., tuple[jax.Array, Any]]
     init_cache: Callable[[int, int], Any]
+    cache_axes: Callable[[Any], Any] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,6 +216,68 @@ def sample_from_logits(
     return token, logp, entropy, logit
 
 
+def check_rollout_batch(num_episodes: int, mesh: Mesh, *, group_size: int | None = None) -> None:
+    """Raises a ValueError naming the fix unless ``num_episodes`` splits evenly over the mesh's batch
+    axes (``data x fsdp``)."""
+    n = mesh.shape["data"] * mesh.shape["fsdp"]
+    if num_episodes % n:
+        what = f"{num_episodes} episodes"
+        if group_size is not None:
+            what += f" (num_tasks={num_episodes // group_size} x group_size={group_size})"
+        raise ValueError(
+            f"the rollout batch of {what} is not divisible by the {n} data-parallel devices of the "
+            f"mesh (data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}); make num_tasks x "
+            f"group_size a multiple of {n} or use a mesh with fewer data/fsdp shards"
+        )
+
+
+def _row_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Sharding of an array whose leading axis is the episode axis: split over ``("data", "fsdp")``."""
+    if ndim == 0:
+        return NamedSharding(mesh, PartitionSpec())
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def _shard_rows(tree: Any, mesh: Mesh | None) -> Any:
+    """Constrains every leaf of ``tree`` to be split over the mesh along its leading (episode) axis."""
+    if mesh is None:
+        return tree
+    return jax.tree.map(
+        lambda x: jax.lax.with_sharding_constraint(x, _row_sharding(mesh, x.ndim)), tree
+    )
+
+
+def _cache_shardings(policy: Policy, cache: Any, mesh: Mesh) -> Any:
+    """``NamedSharding`` of every cache leaf from ``policy.cache_axes`` (episode axis over the batch
+    axes, the other logical axes by the default rules, replicated where not divisible)."""
+    if policy.cache_axes is None:
+        return jax.tree.map(lambda x: _row_sharding(mesh, x.ndim), cache)
+    is_spec = lambda x: isinstance(x, PartitionSpec)
+    specs = jax.tree.leaves(policy.cache_axes(cache), is_leaf=is_spec)
+    leaves, treedef = jax.tree.flatten(cache)
+    out = []
+    for spec, x in zip(specs, leaves, strict=True):
+        names = tuple(spec) + (None,) * (x.ndim - len(tuple(spec)))
+        if names.count("batch") != 1:
+            raise ValueError(f"cache_axes spec {spec} must name exactly one 'batch' axis")
+        other = [None if n == "batch" else n for n in names]
+        mapped = list(logical_to_mesh(other, x.shape, mesh))
+        mapped[names.index("batch")] = BATCH_AXES
+        out.append(NamedSharding(mesh, PartitionSpec(*mapped)))
+    return jax.tree.unflatten(treedef, out)
+
+
+def _shard_carry(carry: _Carry, policy: Policy, mesh: Mesh | None) -> _Carry:
+    """Constrains the rollout state (cache included) to be split over the mesh by episode."""
+    if mesh is None:
+        return carry
+    cache = jax.tree.map(
+        jax.lax.with_sharding_constraint, carry.cache, _cache_shardings(policy, carry.cache, mesh)
+    )
+    rest = _shard_rows(carry.replace(cache=None), mesh)
+    return rest.replace(cache=cache)
+
+
 @chex.dataclass
 class _Carry:
     """Per-row rollout state threaded through the turn loop."""
@@ -220,15 +302,25 @@ class _Carry:
     truncated_responses: chex.Array  # int32[B]
 
 
+def _set_rows(x: jax.Array, cols: jax.Array, values: Any) -> jax.Array:
+    """``x[b, cols[b]] = values[b]`` for every row ``b`` of ``x [B, S]`` (``cols`` ``[B]`` or
+    ``[B, C]``; ``values`` broadcast to its shape); columns outside ``[0, S)`` are dropped.
+
+    Written per row (``vmap``) so the scatter has an explicit batch dimension and XLA's SPMD
+    partitioner keeps a batch-sharded ``x`` local instead of all-gathering the updates.
+    """
+    values = jnp.broadcast_to(jnp.asarray(values).astype(x.dtype), cols.shape)
+    return jax.vmap(lambda xr, c, v: xr.at[c].set(v, mode="drop"))(x, cols, values)
+
+
 def _write_chunk(carry: _Carry, chunk: jax.Array, chunk_len: jax.Array, turn: jax.Array) -> _Carry:
     """Writes a ragged prompt chunk ``[B, C]`` (first ``chunk_len`` real) at each row's length."""
-    b, c = chunk.shape
-    rows = jnp.arange(b)[:, None]
+    c = chunk.shape[1]
     cols = carry.length[:, None] + jnp.arange(c)[None, :]
     cols = jnp.where(jnp.arange(c)[None, :] < chunk_len[:, None], cols, carry.tokens.shape[1])
     return carry.replace(
-        tokens=carry.tokens.at[rows, cols].set(chunk, mode="drop"),
-        turn_ids=carry.turn_ids.at[rows, cols].set(turn, mode="drop"),
+        tokens=_set_rows(carry.tokens, cols, chunk),
+        turn_ids=_set_rows(carry.turn_ids, cols, turn),
     )
 
 
@@ -240,16 +332,15 @@ def _build_chunk(
     p, s = len(prefix), len(suffix)
     width = p + o + s
     out = jnp.full((b, width), pad_id, jnp.int32)
-    rows = jnp.arange(b)[:, None]
     if p:
         out = out.at[:, :p].set(jnp.asarray(prefix, jnp.int32)[None, :])
     obs_cols = jnp.where(
         jnp.arange(o)[None, :] < obs_len[:, None], p + jnp.arange(o)[None, :], width
     )
-    out = out.at[rows, obs_cols].set(obs.astype(jnp.int32), mode="drop")
+    out = _set_rows(out, obs_cols, obs)
     if s:
         suf_cols = p + obs_len[:, None] + jnp.arange(s)[None, :]
-        out = out.at[rows, suf_cols].set(jnp.asarray(suffix, jnp.int32)[None, :], mode="drop")
+        out = _set_rows(out, suf_cols, jnp.asarray(suffix, jnp.int32)[None, :])
     return out, p + obs_len + s
 
 
@@ -289,7 +380,6 @@ def _generate_turn(
     close = jnp.asarray(template.answer_close, jnp.int32)
     n_close = len(template.answer_close)
     stops = jnp.asarray(template.stop_ids, jnp.int32)
-    rows = jnp.arange(b)
 
     def cond(state):
         i, _, _, running, _ = state
@@ -301,12 +391,12 @@ def _generate_turn(
         tok = jnp.where(running, tok, template.pad_id)
         col = jnp.where(running & (c.length < s), c.length, s)
         c = c.replace(
-            tokens=c.tokens.at[rows, col].set(tok, mode="drop"),
-            generated=c.generated.at[rows, col].set(True, mode="drop"),
-            turn_ids=c.turn_ids.at[rows, col].set(turn, mode="drop"),
-            old_logp=c.old_logp.at[rows, col].set(logp, mode="drop"),
-            entropy=c.entropy.at[rows, col].set(ent, mode="drop"),
-            logit=c.logit.at[rows, col].set(logit, mode="drop"),
+            tokens=_set_rows(c.tokens, col, tok),
+            generated=_set_rows(c.generated, col, True),
+            turn_ids=_set_rows(c.turn_ids, col, turn),
+            old_logp=_set_rows(c.old_logp, col, logp),
+            entropy=_set_rows(c.entropy, col, ent),
+            logit=_set_rows(c.logit, col, logit),
         )
         resp = resp.at[:, i].set(tok)
         wrote = running & (c.length < s)
@@ -330,14 +420,12 @@ def _generate_turn(
 
 def _record_step(carry: _Carry, turn: jax.Array, played: jax.Array, ts: Any) -> _Carry:
     """Records an environment step's outcome for rows that ``played`` this turn."""
-    b = carry.length.shape[0]
-    rows = jnp.arange(b)
     reward = jnp.where(played, ts.reward.astype(jnp.float32), 0.0)
     pos = jnp.where(played, carry.length - 1, -1)
     done = played & ts.done
     return carry.replace(
-        turn_rewards=carry.turn_rewards.at[rows, turn].set(reward),
-        reward_pos=carry.reward_pos.at[rows, turn].set(pos),
+        turn_rewards=carry.turn_rewards.at[:, turn].set(reward),
+        reward_pos=carry.reward_pos.at[:, turn].set(pos),
         success=carry.success | (played & ts.success),
         done=carry.done | done,
         num_turns=carry.num_turns + played,
@@ -414,7 +502,7 @@ def _expand_tasks(tasks: Any, group_size: int) -> Any:
 
 
 @functools.partial(
-    jax.jit, static_argnames=("policy", "env", "template", "cfg", "group_size", "vocab")
+    jax.jit, static_argnames=("policy", "env", "template", "cfg", "group_size", "vocab", "mesh")
 )
 def rollout_fused(
     params: Any,
@@ -428,6 +516,7 @@ def rollout_fused(
     cfg: RolloutConfig,
     group_size: int,
     vocab: int,
+    mesh: Mesh | None = None,
 ) -> RolloutBuffer:
     """Runs ``num_tasks x group_size`` episodes of a JAX environment in one compiled loop.
 
@@ -442,19 +531,33 @@ def rollout_fused(
         sampling settings.
       group_size: rollouts per task ``G``.
       vocab: the policy's vocabulary size (logits width).
+      mesh: a device mesh (:func:`actfocus_jax.parallel.make_mesh`) to split the ``B`` episodes
+        over its ``("data", "fsdp")`` axes (module docstring); ``params`` should then live on the
+        same devices (e.g. :func:`actfocus_jax.parallel.shard_params`), and ``tasks``, ``task_ids``
+        and ``key`` be host arrays or on those devices. None: no sharding constraints.
     Returns:
-      a :class:`RolloutBuffer` with ``B = num_tasks * group_size`` rows.
+      a :class:`RolloutBuffer` with ``B = num_tasks * group_size`` rows, split over the mesh's batch
+      axes on its first dimension when ``mesh`` is given.
+    Raises:
+      ValueError: with ``mesh``, if ``B`` is not divisible by ``data x fsdp``.
     """
     ep_tasks = _expand_tasks(tasks, group_size)
     b = jax.tree.leaves(ep_tasks)[0].shape[0]
+    if mesh is not None:
+        check_rollout_batch(b, mesh, group_size=group_size)
     s = sequence_budget(template, env.max_obs_len, cfg)
     key_reset, key_sample = jax.random.split(key)
-    env_state, ts = jax.vmap(env.reset)(jax.random.split(key_reset, b), ep_tasks)
-    carry = _init_carry(policy, b, s, cfg.max_turns, vocab, template.pad_id)
+    reset_keys, ep_tasks = _shard_rows((jax.random.split(key_reset, b), ep_tasks), mesh)
+    env_state, ts = _shard_rows(jax.vmap(env.reset)(reset_keys, ep_tasks), mesh)
+    carry = _shard_carry(
+        _init_carry(policy, b, s, cfg.max_turns, vocab, template.pad_id), policy, mesh
+    )
     chunk, chunk_len = _build_chunk(
         template.first_prefix, ts.obs_tokens, ts.obs_len, template.first_suffix, template.pad_id
     )
-    carry = _feed_chunk(policy, params, carry, chunk, chunk_len, jnp.int32(0))
+    carry = _shard_carry(
+        _feed_chunk(policy, params, carry, chunk, chunk_len, jnp.int32(0)), policy, mesh
+    )
 
     def cond(state):
         turn, c, _ = state
@@ -475,10 +578,10 @@ def rollout_fused(
             template.turn_prefix, ts.obs_tokens, ts.obs_len, template.turn_suffix, template.pad_id
         )
         c = _feed_chunk(policy, params, c, chunk, jnp.where(more, chunk_len, 0), turn + 1)
-        return turn + 1, c, env_state
+        return turn + 1, _shard_carry(c, policy, mesh), _shard_rows(env_state, mesh)
 
     _, carry, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), carry, env_state))
-    return _finish(carry, template, group_size, task_ids)
+    return _shard_rows(_finish(carry, template, group_size, task_ids), mesh)
 
 
 @functools.partial(jax.jit, static_argnames=("policy", "template", "b", "s", "t", "vocab"))
@@ -676,4 +779,12 @@ def transformer_policy(graphdef: Any, config: Any) -> Policy:
     return Policy(
         apply=functools.partial(forward_with_cache, graphdef),
         init_cache=functools.partial(init_cache, config),
+        cache_axes=_kv_cache_axes,
     )
+
+
+def _kv_cache_axes(cache: Any) -> Any:
+    """Logical axes of a :class:`~actfocus_jax.models.transformer.KVCache`: ``k``/``v``
+    ``[layers, batch, slots, kv_heads, head_dim]`` and ``length [batch]``."""
+    kv = PartitionSpec("layers", "batch", None, "kv_heads", None)
+    return cache.replace(k=kv, v=kv, length=PartitionSpec("batch"))
