@@ -1,7 +1,8 @@
 """The experiment driver: task sets, model initialisation, SFT warm start, RL loop, evaluation.
 
 One :class:`Experiment` per config (``experiments/configs/*.py``). The same code runs on CPU, GPU and
-TPU: the device mesh comes from ``config.mesh`` and the batch is sharded over its data axes.
+TPU: the device mesh comes from ``config.mesh`` and the batch is sharded over its data axes, for the
+update and (fused path, more than one data shard) for the rollouts and evaluations too.
 
 Determinism and exact resume: every random draw of RL step ``s`` comes from
 ``fold_in(PRNGKey(seed), s)`` and the tasks of step ``s`` from a per-epoch permutation of the train
@@ -101,6 +102,7 @@ class Experiment:
         self._task_set: Any = None
         self._hf_model: Any = None
         self._template: Any = None
+        self._mesh: Any = None
         #: ModelConfig of the policy in use (set by :meth:`init_policy`).
         self.policy_config: Any = None
 
@@ -143,6 +145,24 @@ class Experiment:
                 f"{self.tokenizer.vocab_size}; use a preset with a larger vocabulary"
             )
         return cfg
+
+    @property
+    def mesh(self) -> Any:
+        """The device mesh of ``config.mesh`` (built once)."""
+        if self._mesh is None:
+            from actfocus_jax.parallel import make_mesh
+
+            m = self.config.mesh
+            self._mesh = make_mesh(m.data, m.fsdp, m.tensor)
+        return self._mesh
+
+    def rollout_mesh(self) -> Any:
+        """The mesh that fused rollouts are sharded over: :attr:`mesh` when it has more than one
+        data shard (``data x fsdp``), else None (also for the host path)."""
+        if self.is_host_env or self.config.rollout.path == "host":
+            return None
+        m = self.mesh
+        return m if m.shape["data"] * m.shape["fsdp"] > 1 else None
 
     def template(self):
         """The token template of the episode layout (built once)."""
@@ -233,7 +253,13 @@ class Experiment:
         group_size: int,
         greedy: bool = False,
     ) -> RolloutBuffer:
-        """One batch of episodes with the configured path (fused on device, or host loop)."""
+        """One batch of episodes with the configured path (fused on device, or host loop).
+
+        With a :meth:`rollout_mesh` the fused rollout runs sharded over it: the episodes are split
+        over its data axes and ``params`` are placed as in training (:func:`shard_params`) unless
+        they already live on the mesh; ``len(task_ids) * group_size`` must then be divisible by the
+        number of data shards.
+        """
         env = self.env
         mcfg = self.policy_config
         rcfg = rollout_config_from(self.config, max_turns=env.max_turns, greedy=greedy)
@@ -247,6 +273,9 @@ class Experiment:
         )
         if self.is_host_env or self.config.rollout.path == "host":
             buf = rollout_host(params, tasks, task_ids, key, **kwargs)
+        elif (mesh := self.rollout_mesh()) is not None:
+            params = _on_mesh(params, mesh)
+            buf = rollout_fused(params, tasks, jnp.asarray(task_ids), key, mesh=mesh, **kwargs)
         else:
             buf = rollout_fused(params, tasks, jnp.asarray(task_ids), key, **kwargs)
         if self.config.debug:
@@ -256,15 +285,22 @@ class Experiment:
     def evaluate(
         self, graphdef: Any, params: Any, *, split: str = "test", greedy: bool = True, seed: int = 0
     ) -> dict[str, float]:
-        """Success rate, return and per-turn statistics on ``split`` (one episode per task)."""
+        """Success rate, return and per-turn statistics on ``split`` (one episode per task).
+
+        JAX envs run fixed-shape batches of ``eval.batch_size`` episodes, rounded up to a multiple
+        of the rollout mesh's data shards (the padding repeats the last task and is dropped).
+        """
         c = self.config
         n = min(c.eval.num_tasks, self.split_size(split))
         bs = c.eval.batch_size
+        mesh = self.rollout_mesh()
+        shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+        width = -(-bs // shards) * shards
         bufs = []
         for start in range(0, n, bs):
             idx = np.arange(start, min(start + bs, n))
-            if len(idx) < bs and not self.is_host_env:
-                idx = np.concatenate([idx, np.full(bs - len(idx), idx[-1])])  # fixed shapes
+            if len(idx) < width and not self.is_host_env:
+                idx = np.concatenate([idx, np.full(width - len(idx), idx[-1])])  # fixed shapes
             tasks, ids = self.tasks(split, idx)
             key = jax.random.fold_in(jax.random.key(seed), start)
             buf = self.rollout(graphdef, params, tasks, ids, key, group_size=1, greedy=greedy)
@@ -384,7 +420,6 @@ def run_rl(exp: Experiment, *, resume: bool = False) -> dict[str, Any]:
     from actfocus_jax.analysis.bottleneck import batch_bottleneck_metrics
     from actfocus_jax.parallel import (
         init_sharded,
-        make_mesh,
         replicate,
         shard_batch,
         shard_params,
@@ -404,7 +439,7 @@ def run_rl(exp: Experiment, *, resume: bool = False) -> dict[str, Any]:
     graphdef, _ = nnx.split(policy)
     critic = value_model_from_policy(policy) if c.algo.algo == "ppo" else None
     statics = exp._statics(graphdef, nnx.split(critic)[0] if critic is not None else None)
-    mesh = make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
+    mesh = exp.mesh
     state = init_train_state(policy, statics, critic)
     del policy, critic
     state = state.replace(
@@ -508,6 +543,17 @@ def run_rl(exp: Experiment, *, resume: bool = False) -> dict[str, Any]:
         json.dump(summary, f, indent=2, sort_keys=True)
     print(summary_table(records, keys))
     return summary
+
+
+def _on_mesh(params: Any, mesh: Any) -> Any:
+    """``params`` sharded over ``mesh`` as in training, unless every leaf already lives on it."""
+    from actfocus_jax.parallel import shard_params
+
+    devices = set(mesh.devices.flat)
+    leaves = jax.tree.leaves(params)
+    if all(isinstance(x, jax.Array) and x.sharding.device_set == devices for x in leaves):
+        return params
+    return shard_params(params, mesh)
 
 
 def _scalars(m: Any) -> Any:
