@@ -1,6 +1,7 @@
 """Benchmarks of the jitted train step, ActFocus overhead and the rollout engine.
 
-Run: ``python -m experiments.bench [--suite train,actfocus,rollout] [--out PATH] [--quick] [--reps N]``.
+Run: ``python -m experiments.bench [--suite train,actfocus,rollout] [--out PATH] [--quick] [--reps N]
+[--rollout-mesh DATA[,FSDP[,TENSOR]]]``.
 
 Prints one table per suite and writes a JSON file (device kind, platform, jax / jaxlib versions, date,
 CPU count and load average at start, and every measurement). Compilation is always excluded: every
@@ -45,7 +46,10 @@ Suites:
     Generated tokens/s and episodes/s of ``rollout_fused`` (whole multi-turn loop on device) vs
     ``rollout_host`` (Python turn loop around jitted pieces) on the same tiny random transformer,
     Sokoban tasks, batch and key (both paths give the same trajectories; the table says whether they
-    did). Each path is warmed up once.
+    did). Each path is warmed up once. ``--rollout-mesh 4`` (or ``2,2``, ``2,2,2``: data, fsdp,
+    tensor sizes) adds ``fused-sharded``: the fused rollout with ``mesh=`` (episodes split over the
+    mesh's data axes, parameters placed by ``shard_params``). On CPU, get several devices with
+    ``XLA_FLAGS=--xla_force_host_platform_device_count=8``.
 """
 
 from __future__ import annotations
@@ -510,7 +514,7 @@ def suite_train(quick: bool, reps: int | None) -> dict:
     }
 
 
-def suite_rollout(quick: bool, reps: int | None) -> dict:
+def suite_rollout(quick: bool, reps: int | None, mesh_sizes: tuple[int, ...] | None = None) -> dict:
     reps = reps or (3 if quick else 5)
     n_tasks, group, max_turns, max_resp = (2, 4, 2, 16) if quick else (4, 8, 3, 32)
     env = envs.make("sokoban", max_turns=max_turns)
@@ -537,13 +541,24 @@ def suite_rollout(quick: bool, reps: int | None) -> dict:
         "fused": lambda: rollout_fused(params, tasks, task_ids, key, **kwargs),
         "host": lambda: rollout_host(params, tasks, task_ids, key, **kwargs),
     }
+    if mesh_sizes:
+        from actfocus_jax.parallel import make_mesh, shard_params
+
+        mesh = make_mesh(*mesh_sizes)
+        sharded_params = shard_params(params, mesh)
+        fns["fused-sharded"] = lambda: rollout_fused(
+            sharded_params, tasks, task_ids, key, mesh=mesh, **kwargs
+        )
     warm = {}
     bufs = {}
     for k, f in fns.items():
         t0 = time.perf_counter()
         bufs[k] = jax.block_until_ready(f())
         warm[k] = time.perf_counter() - t0
-    same = bool(np.array_equal(np.asarray(bufs["fused"].tokens), np.asarray(bufs["host"].tokens)))
+    same = all(
+        np.array_equal(np.asarray(bufs["fused"].tokens), np.asarray(b.tokens))
+        for b in bufs.values()
+    )
     gen_tokens = {k: int(np.asarray(v.generated).sum()) for k, v in bufs.items()}
     episodes = n_tasks * group
     times, comp = interleaved(fns, reps)
@@ -607,7 +622,21 @@ def suite_rollout(quick: bool, reps: int | None) -> dict:
         f"fused speed-up over host: {speedup:.2f}x (median paired ratio {paired:.2f}x); "
         f"excluding the host path's in-call re-compilation: {speedup_net:.2f}x"
     )
+    sharded = {}
+    if mesh_sizes:
+        sharded = dict(
+            rollout_mesh=dict(mesh.shape),
+            sharded_speedup=statistics.median(times["fused"])
+            / statistics.median(times["fused-sharded"]),
+            sharded_speedup_paired=paired_ratio(times["fused"], times["fused-sharded"]),
+        )
+        print(
+            f"fused-sharded ({dict(mesh.shape)}) speed-up over fused: "
+            f"{sharded['sharded_speedup']:.2f}x (median paired ratio "
+            f"{sharded['sharded_speedup_paired']:.2f}x)"
+        )
     return dict(
+        **sharded,
         n_tasks=n_tasks,
         group_size=group,
         episodes=episodes,
@@ -653,7 +682,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="JSON output path (default: none)")
     p.add_argument("--quick", action="store_true", help="small shapes, few repetitions (< 2 min)")
     p.add_argument("--reps", type=int, default=None, help="override the repetitions per variant")
+    p.add_argument(
+        "--rollout-mesh",
+        default=None,
+        help="rollout suite: also time the fused rollout sharded over a mesh of these "
+        "DATA[,FSDP[,TENSOR]] sizes (e.g. 4 or 2,2)",
+    )
     args = p.parse_args(argv)
+    mesh_sizes = None
+    if args.rollout_mesh:
+        try:
+            mesh_sizes = tuple(int(x) for x in args.rollout_mesh.split(","))
+        except ValueError:
+            mesh_sizes = ()
+        if not 1 <= len(mesh_sizes) <= 3:
+            p.error(f"--rollout-mesh={args.rollout_mesh!r}: give DATA[,FSDP[,TENSOR]] integers")
     suites = [s.strip() for s in args.suite.split(",") if s.strip()]
     for s in suites:
         if s not in SUITES:
@@ -668,7 +711,8 @@ def main(argv: list[str] | None = None) -> int:
     t_all = time.perf_counter()
     for s in suites:
         t0 = time.perf_counter()
-        out["suites"][s] = fns[s](args.quick, args.reps)
+        extra = {"mesh_sizes": mesh_sizes} if s == "rollout" else {}
+        out["suites"][s] = fns[s](args.quick, args.reps, **extra)
         out["suites"][s]["suite_wall_s"] = time.perf_counter() - t0
     out["total_wall_s"] = time.perf_counter() - t_all
     out["environment"]["load_average_at_end"] = (
