@@ -19,9 +19,10 @@ the API of :mod:`actfocus_jax.envs.base`; ``webshop`` is a host (Python) env wit
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Any
 
-__all__ = ["JAX_ENVS", "env_class", "list_envs", "make", "register"]
+__all__ = ["JAX_ENVS", "env_class", "list_envs", "make", "option_defaults", "register"]
 
 _REGISTRY: dict[str, tuple[str, str]] = {
     "sokoban": ("actfocus_jax.envs.sokoban", "SokobanEnv"),
@@ -72,3 +73,33 @@ def make(name: str, tokenizer: Any = None, **options: Any) -> Any:
     if tokenizer is not None:
         options["tokenizer"] = tokenizer
     return cls(**options)
+
+
+#: Constructor arguments that are not env options (objects, or set elsewhere in the config).
+_NOT_OPTIONS = ("self", "tokenizer", "catalog")
+_SCALARS = (bool, int, float, str, tuple)
+
+
+def option_defaults(name: str) -> dict[str, tuple[Any, type]]:
+    """``{option: (default, type)}`` of the env's keyword options, from its constructor signature.
+
+    Only options with a scalar or tuple default, or a ``None`` default annotated ``int | None`` /
+    ``float | None`` / ``str | None`` (then ``default`` is None and ``type`` the annotated type), are
+    listed: these are the ones a config can hold and a command line can override
+    (``--config.env.options.step_penalty=0``).
+    """
+    out: dict[str, tuple[Any, type]] = {}
+    for p in inspect.signature(env_class(name).__init__).parameters.values():
+        if p.name in _NOT_OPTIONS or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+            continue
+        if p.default is p.empty:
+            continue
+        if p.default is None:
+            ann = str(p.annotation).replace(" ", "")
+            for t in (int, float, str):
+                if ann == f"{t.__name__}|None":
+                    out[p.name] = (None, t)
+            continue
+        if isinstance(p.default, _SCALARS):
+            out[p.name] = (p.default, type(p.default))
+    return out

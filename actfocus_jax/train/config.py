@@ -170,9 +170,31 @@ def rollout_config_from(c: Any, *, max_turns: int, greedy: bool = False) -> Roll
 
 def env_options_from(c: Any) -> dict[str, Any]:
     """Keyword options of ``envs.make`` (unset limits are left to the environment)."""
+    from actfocus_jax.envs import option_defaults
+
     opts = c.env.options.to_dict() if hasattr(c.env.options, "to_dict") else dict(c.env.options)
+    # Options left at the env's default (or unset) are not passed: the env applies its own default,
+    # and task sets built before an option became configurable keep their identity.
+    defaults = option_defaults(c.env.name) if c.env.name in _known_envs() else {}
+    opts = {
+        k: v
+        for k, v in opts.items()
+        if v is not None and not (k in defaults and _same(v, defaults[k][0]))
+    }
     for name in ("max_turns", "max_actions_per_turn", "max_actions_per_episode"):
         if c.env[name] is not None:
             opts[name] = int(c.env[name])
     opts["format_penalty"] = float(c.env.format_penalty)
     return opts
+
+
+def _known_envs() -> tuple[str, ...]:
+    from actfocus_jax.envs import list_envs
+
+    return list_envs()
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return tuple(a) == tuple(b)
+    return type(a) is type(b) and a == b

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from actfocus_jax.envs import option_defaults
+
 
 def get_base_config(env: str = "sokoban", model: str = "tiny") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -29,7 +31,10 @@ def get_base_config(env: str = "sokoban", model: str = "tiny") -> ml_collections
     c.env.max_actions_per_turn = ml_collections.config_dict.placeholder(int)
     c.env.max_actions_per_episode = ml_collections.config_dict.placeholder(int)
     c.env.format_penalty = -0.1
-    c.env.options = ml_collections.ConfigDict()  # env-specific extras (room size, slippery, ...)
+    # Env-specific options (room size, rewards, slippery, ...) with the env's own defaults, so that
+    # each can be overridden on the command line; only values that differ from the defaults are
+    # passed to the env (and identify the task set).
+    c.env.options = env_options_config(env)
 
     c.data = ml_collections.ConfigDict()
     c.data.num_train = 512
@@ -126,3 +131,15 @@ def get_base_config(env: str = "sokoban", model: str = "tiny") -> ml_collections
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
     return c
+
+
+def env_options_config(env: str) -> ml_collections.ConfigDict:
+    """A ConfigDict of the env's options (``actfocus_jax.envs.option_defaults``), minus those that
+    the config sets at the top level (``env.max_turns``, ``env.format_penalty``, ...)."""
+    top = ("max_turns", "max_actions_per_turn", "max_actions_per_episode", "format_penalty")
+    d = ml_collections.ConfigDict()
+    for name, (default, typ) in option_defaults(env).items():
+        if name in top:
+            continue
+        d[name] = ml_collections.config_dict.placeholder(typ) if default is None else default
+    return d

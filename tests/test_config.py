@@ -1,0 +1,60 @@
+"""Config files and command-line overrides: every env option is a config field."""
+
+import inspect
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from actfocus_jax import envs
+from actfocus_jax.train.config import env_options_from
+
+
+def parse(config_file, *overrides):
+    argv = ["prog", f"--config={config_file}", *overrides]
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file(
+        "config", config_file, flag_values=fv, lock_config=True, sys_argv=argv
+    )
+    fv(argv)
+    return fv.config
+
+
+@pytest.mark.parametrize("env", ["sokoban", "frozenlake", "sudoku", "webshop"])
+def test_env_options_mirror_the_constructor(env):
+    c = parse(f"experiments/configs/{env}.py")
+    sig = inspect.signature(envs.env_class(env).__init__).parameters
+    top = {"max_turns", "max_actions_per_turn", "max_actions_per_episode", "format_penalty"}
+    for name, value in c.env.options.items():
+        assert name in sig and name not in top
+        default = sig[name].default
+        assert value == (tuple(default) if isinstance(default, tuple) else default)
+    # Defaults are not passed on (the env applies them; task-set identities do not change).
+    assert env_options_from(c) == {"format_penalty": c.env.format_penalty}
+
+
+def test_env_options_override_from_the_command_line():
+    c = parse(
+        "experiments/configs/sokoban.py",
+        "--config.env.options.step_penalty=0",
+        "--config.env.options.room_size=(5,5)",
+        "--config.env.options.max_solution_len=4",
+        "--config.env.max_turns=3",
+    )
+    opts = env_options_from(c)
+    assert opts == {
+        "step_penalty": 0.0,
+        "room_size": (5, 5),
+        "max_solution_len": 4,
+        "max_turns": 3,
+        "format_penalty": -0.1,
+    }
+    env = envs.make("sokoban", **opts)
+    assert (env.step_penalty, env.room_size, env.max_solution_len) == (0.0, (5, 5), 4)
+    c = parse("experiments/configs/frozenlake.py", "--config.env.options.slippery=false")
+    assert env_options_from(c)["slippery"] is False
+
+
+def test_unknown_env_option_is_rejected():
+    with pytest.raises(AttributeError, match="no_such_option"):
+        parse("experiments/configs/sokoban.py", "--config.env.options.no_such_option=1")
