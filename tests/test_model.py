@@ -24,6 +24,7 @@ from actfocus_jax.models import (
     value_model_from_policy,
 )
 from actfocus_jax.models.hf_io import hf_tensors_from_model
+from actfocus_jax.models.transformer import CAUSAL_BLOCK, attention, causal_attention
 from actfocus_jax.text import build_embedded_tokenizer
 
 CFG = ModelConfig(
@@ -140,6 +141,39 @@ def test_tied_embeddings_match_reference():
     ref = np_reference(cfg, hf_tensors_from_model(m), ids, mask)
     got = _apply(*nnx.split(m), jnp.asarray(ids), None, jnp.asarray(mask))
     np.testing.assert_allclose(np.asarray(got)[mask], ref[mask], atol=2e-5, rtol=1e-5)
+
+
+def test_causal_block_attention_matches_full_attention():
+    # T = 11 with blocks of 4 (3 blocks, the last one short); padding inside and at both ends.
+    b, t, h, kv, hd = 2, 11, 4, 2, 8
+    keys = jax.random.split(jax.random.key(11), 3)
+    q = jax.random.normal(keys[0], (b, t, h, hd))
+    k = jax.random.normal(keys[1], (b, t, kv, hd))
+    v = jax.random.normal(keys[2], (b, t, kv, hd))
+    valid = np.ones((b, t), bool)
+    valid[0, :2] = valid[0, 6] = valid[1, -3:] = False
+    mask = np.tril(np.ones((t, t), bool))[None] & valid[:, None, :]
+    full = attention(q, k, v, jnp.asarray(mask))
+    got = causal_attention(q, k, v, jnp.asarray(mask), block=4)
+    seen = mask.any(-1)  # queries with at least one visible key
+    np.testing.assert_allclose(np.asarray(got)[seen], np.asarray(full)[seen], atol=1e-6)
+    assert np.isfinite(np.asarray(got)).all()
+    np.testing.assert_array_equal(  # a sequence that fits in one block takes the plain path
+        np.asarray(causal_attention(q, k, v, jnp.asarray(mask), block=t)), np.asarray(full)
+    )
+
+
+def test_long_sequence_logits_match_reference():
+    # Longer than CAUSAL_BLOCK (and not a multiple of it), so the decoder's block path runs.
+    assert CAUSAL_BLOCK < 150
+    m = init_model(CFG, 7)
+    randomize(m, 8)
+    ids = np.asarray(jax.random.randint(jax.random.key(9), (2, 150), 0, CFG.vocab_size))
+    mask = np.ones((2, 150), bool)
+    mask[0, :5] = mask[1, 140:] = False
+    ref = np_reference(CFG, hf_tensors_from_model(m), ids, mask)
+    got = _apply(*nnx.split(m), jnp.asarray(ids), None, jnp.asarray(mask))
+    np.testing.assert_allclose(np.asarray(got)[mask], ref[mask], atol=5e-5, rtol=1e-5)
 
 
 def test_padding_does_not_change_real_tokens(split):

@@ -15,6 +15,11 @@ Layout decisions:
   ``wo [L,H,hd,D]``, ``w_gate/w_up [L,D,M]``, ``w_down [L,M,D]``, ``embed [V,D]``, ``lm_head [D,V]``.
   Every parameter carries logical axis names in its ``out_sharding`` metadata (see
   :data:`actfocus_jax.models.config.LOGICAL_AXES`); read them with ``nnx.get_partition_spec``.
+* **Causal block attention.** The full-sequence pass (training, scoring) splits the queries into
+  blocks of :data:`CAUSAL_BLOCK` and lets each block attend only to the keys up to its end
+  (:func:`causal_attention`): 10/16 of the score / softmax work at 512 tokens, 20% less compiled
+  temp memory and 1.36x faster GRPO train steps on CPU at that length
+  (``experiments/results/README.md``, "Peers").
 * **Pure functions at the core.** The modules are thin: :func:`apply` and :func:`forward_with_cache`
   take ``(graphdef, state)`` (from ``nnx.split``) and merge inside, so ``jit`` / ``shard_map`` /
   checkpointing only ever see plain pytrees.
@@ -49,6 +54,7 @@ __all__ = [
     "apply",
     "apply_values",
     "as_graph_state",
+    "causal_attention",
     "default_positions",
     "forward_with_cache",
     "init_cache",
@@ -139,6 +145,35 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(b, t, h, hd)
+
+
+#: Query-block size of :func:`causal_attention` (the full-sequence path of the decoder).
+CAUSAL_BLOCK = 128
+
+
+def causal_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, block: int = CAUSAL_BLOCK
+) -> jax.Array:
+    """:func:`attention` over a full sequence whose ``mask`` is causal, skipping the masked upper part.
+
+    The queries are split into blocks of ``block`` (a static Python loop); the block of queries
+    ``[lo, hi)`` only computes scores against the keys ``[0, hi)``, since the causal mask hides every
+    later key from all of its queries. For ``T = 512`` and ``block = 128`` that is 10/16 of the
+    score, softmax and probability work and memory of the full ``[B, K, G, T, T]`` tensor, and each
+    block's tensors are smaller (friendlier to caches). Shapes as in :func:`attention`, with ``S = T``;
+    requires ``mask[b, t, s] = False`` for ``s > t``. Every query with at least one visible key gets
+    the same result as :func:`attention` (up to float summation order); a fully masked query row
+    (padding, whose output is meaningless anyway) averages the values of the keys ``[0, hi)`` of its
+    block instead of all keys.
+    """
+    t = q.shape[1]
+    if k.shape[1] != t or t <= block:
+        return attention(q, k, v, mask)
+    outs = []
+    for lo in range(0, t, block):
+        hi = min(t, lo + block)
+        outs.append(attention(q[:, lo:hi], k[:, :hi], v[:, :hi], mask[:, lo:hi, :hi]))
+    return jnp.concatenate(outs, axis=1)
 
 
 def default_positions(attention_mask: jax.Array | None, batch: int, length: int) -> jax.Array:
@@ -295,7 +330,7 @@ class Backbone(nnx.Module):
 
         def body(x, p):
             q, k, v = _qkv(c, p, x, positions)
-            return _finish_block(c, p, x, attention(q, k, v, mask)), None
+            return _finish_block(c, p, x, causal_attention(q, k, v, mask)), None
 
         x, _ = jax.lax.scan(body, x, self.layers.stacked())
         return rms_norm(x, self.final_norm[...], c.rms_norm_eps, jnp.dtype(c.dtype))
