@@ -16,19 +16,30 @@ def get_config(model: str = "tiny"):
     # 3 per turn): under GRPO the tiny policy then learns to answer invalidly (seen: invalid turns
     # 0.09 -> 0.82 in 40 steps). An invalid turn must cost more than any valid one.
     c.env.format_penalty = -1.0
+    # Success-only reward (+10 on solving, nothing per action or per box move). With gym-sokoban's
+    # shaping (-0.1 per action, +-1 per box on/off a target) nearly every GRPO group has reward
+    # variance even when no rollout succeeds, the group-std normalisation turns it into unit-size
+    # advantages, and every run we made learned to take fewer actions (6.4 -> 2.8 per episode) and
+    # lost held-out success (0.32 -> 0.11 greedy in 40 steps); with this reward it stays level.
+    c.env.options.step_penalty = 0.0
+    c.env.options.box_on_reward = 0.0
+    c.env.options.box_off_penalty = 0.0
     c.data.num_train = 512
     c.data.num_test = 128
-    c.sft.steps = 150
+    # 600 steps: token accuracy plateaus at ~0.78 for the first ~150 steps (format and template
+    # learned, positions not read off the grid: greedy held-out success 0.11) and then climbs to
+    # ~0.95 (greedy held-out success 0.39).
+    c.sft.steps = 600
     c.sft.batch_size = 16
     c.sft.max_len = 320
-    c.sft.num_tasks = 384
+    c.sft.num_tasks = 512
     c.sft.demos_per_task = 1
     c.sft.epsilon = 0.3
     c.sft.learning_rate = 2e-3
     c.rollout.num_tasks = 8
     c.rollout.group_size = 8
     c.rollout.max_response_tokens = 48
-    c.optim.learning_rate = 5e-5
+    c.optim.learning_rate = 1e-4
     c.train.steps = 40
     c.train.eval_every = 20
     c.train.save_every = 10
