@@ -82,6 +82,9 @@ def test_end_to_end_algorithms(tmp_path, algo, actfocus):
     summary = exp.run_rl()
     assert "final/greedy/success" in summary["final"]
     assert_trained(exp, c)
+    with open(os.path.join(c.workdir, "rl", "config.json")) as f:
+        saved = json.load(f)
+    assert (saved["algo"]["algo"], saved["actfocus"]["enabled"]) == (algo, actfocus)
 
 
 @pytest.mark.parametrize("env", ["frozenlake", "sudoku", "webshop"])

@@ -460,6 +460,10 @@ def run_rl(exp: Experiment, *, resume: bool = False) -> dict[str, Any]:
         rl_dir, save_every=c.train.save_every, max_to_keep=c.train.keep, resume=resume
     )
     config_json = json.loads(c.to_json_best_effort())
+    # The run's config as a plain file too (the checkpoints hold it as well), for the tools that
+    # read a run directory without orbax (aggregation, notebooks) and for people.
+    with open(os.path.join(rl_dir, "config.json"), "w") as f:
+        json.dump(config_json, f, indent=2, sort_keys=True)
     start, position = 0, {"epoch": 0, "index": 0}
     base_key = jax.random.key(c.seed)
     if resume:
