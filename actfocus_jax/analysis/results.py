@@ -32,6 +32,8 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from actfocus_jax.train.logging import read_metrics
+
 __all__ = [
     "DEFAULT_METRICS",
     "aggregate",
@@ -162,22 +164,6 @@ def parse_run_name(name: str) -> tuple[str, str | None]:
     return ",".join(rest) if rest else ("(base)" if seed is not None else name), seed
 
 
-def _read_jsonl(path: str) -> list[dict]:
-    records = []
-    if not os.path.isfile(path):
-        return records
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:  # a torn last line of a crashed run
-                continue
-    return records
-
-
 def _read_json(path: str) -> Any:
     if not os.path.isfile(path):
         return None
@@ -246,7 +232,7 @@ def read_run(run_dir: str | os.PathLike, name: str | None = None) -> dict[str, A
     run_dir = os.fspath(run_dir)
     name = name or os.path.basename(os.path.normpath(run_dir))
     rl = os.path.join(run_dir, "rl")
-    records = _read_jsonl(os.path.join(rl, "metrics.jsonl"))
+    records = read_metrics(rl)
     summary = _read_json(os.path.join(rl, "summary.json"))
     main = _read_json(os.path.join(run_dir, "main_result.json")) or {}
     variant, seed = parse_run_name(name)
