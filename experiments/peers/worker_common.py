@@ -53,6 +53,18 @@ def load(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, np.ndarray
     return spec, inputs
 
 
+def send_error(name: str, e: Exception) -> None:
+    """Reports the exact error (and its traceback) of the current exception to the coordinator."""
+    send(
+        dict(
+            event="error",
+            name=name,
+            error=f"{type(e).__name__}: {e}",
+            traceback=traceback.format_exc(),
+        )
+    )
+
+
 def serve(
     name: str,
     build: Callable[[dict[str, Any], dict[str, np.ndarray]], tuple[Callable[[], float], dict]],
@@ -74,14 +86,7 @@ def serve(
             warm.append(time.perf_counter() - t1)
         send(dict(event="ready", name=name, build_s=build_s, warmup_s=warm, **info))
     except Exception as e:  # report the exact error to the coordinator
-        send(
-            dict(
-                event="error",
-                name=name,
-                error=f"{type(e).__name__}: {e}",
-                traceback=traceback.format_exc(),
-            )
-        )
+        send_error(name, e)
         return 1
     for line in sys.stdin:
         cmd = line.strip()
@@ -92,14 +97,7 @@ def serve(
                 dt = time.perf_counter() - t1
                 send(dict(event="step", seconds=dt, loss=float(loss)))
             except Exception as e:
-                send(
-                    dict(
-                        event="error",
-                        name=name,
-                        error=f"{type(e).__name__}: {e}",
-                        traceback=traceback.format_exc(),
-                    )
-                )
+                send_error(name, e)
                 return 1
         elif cmd == "quit":
             send(dict(event="bye"))
