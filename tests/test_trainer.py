@@ -85,6 +85,12 @@ def test_end_to_end_algorithms(tmp_path, algo, actfocus):
     with open(os.path.join(c.workdir, "rl", "config.json")) as f:
         saved = json.load(f)
     assert (saved["algo"]["algo"], saved["actfocus"]["enabled"]) == (algo, actfocus)
+    rl = os.path.join(c.workdir, "rl")
+    assert os.path.getsize(os.path.join(rl, "curves.png")) > 0
+    with open(os.path.join(rl, "summary.txt")) as f:
+        table = f.read()
+    assert "rollout/success" in table and "train/loss" in table
+    assert "eval/success" not in table  # tiny_config has no periodic evaluation
 
 
 @pytest.mark.parametrize("env", ["frozenlake", "sudoku", "webshop"])

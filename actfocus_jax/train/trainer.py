@@ -425,12 +425,7 @@ def run_rl(exp: Experiment, *, resume: bool = False) -> dict[str, Any]:
         shard_params,
     )
     from actfocus_jax.train.checkpoint import Checkpointer
-    from actfocus_jax.train.logging import (
-        MetricsLogger,
-        plot_curves,
-        read_metrics,
-        summary_table,
-    )
+    from actfocus_jax.train.logging import MetricsLogger
 
     c = exp.config
     rl_dir = os.path.join(exp.workdir, "rl")
@@ -531,6 +526,12 @@ def run_rl(exp: Experiment, *, resume: bool = False) -> dict[str, Any]:
                     metrics={k: v for k, v in metrics.items() if not k.startswith("turn")},
                 )
         ckpt.wait_until_finished()
+        # Learning curves and summary table (summary.txt, curves.png) of the keys every run logs,
+        # plus the periodic evaluation when the schedule has one.
+        keys = ["rollout/success", "rollout/return", "train/loss"]
+        if 0 < c.train.eval_every <= c.train.steps:
+            keys.append("eval/success")
+        table = logger.write_report(keys)
     finally:
         ckpt.close()
         logger.close()
@@ -538,14 +539,10 @@ def run_rl(exp: Experiment, *, resume: bool = False) -> dict[str, Any]:
         nnx.merge(graphdef, state.params), exp.tokenizer, os.path.join(rl_dir, "final_policy")
     )
     final = exp.evaluate_modes(graphdef, state.params, prefix="final/")
-    records = read_metrics(rl_dir)
-    keys = ["rollout/success", "rollout/return", "train/loss", "eval/success"]
-    keys = [k for k in keys if any(k in r for r in records)]
-    plot_curves(records, keys, os.path.join(rl_dir, "curves.png"))
     summary = {"final": final, "steps": c.train.steps, "workdir": rl_dir}
     with open(os.path.join(rl_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2, sort_keys=True)
-    print(summary_table(records, keys))
+    print(table)
     return summary
 
 
