@@ -1,6 +1,6 @@
 """Benchmarks of the jitted train step, ActFocus overhead and the rollout engine.
 
-Run: ``python -m experiments.bench [--suite train,actfocus,rollout] [--out PATH] [--quick] [--reps N]
+Run: ``python -m experiments.bench [--suite train,actfocus,rollout,unroll] [--out PATH] [--quick] [--reps N]
 [--rollout-mesh DATA[,FSDP[,TENSOR]]]``.
 
 Prints one table per suite and writes a JSON file (device kind, platform, jax / jaxlib versions, date,
@@ -50,6 +50,13 @@ Suites:
     tensor sizes) adds ``fused-sharded``: the fused rollout with ``mesh=`` (episodes split over the
     mesh's data axes, parameters placed by ``shard_params``). On CPU, get several devices with
     ``XLA_FLAGS=--xla_force_host_platform_device_count=8``.
+
+``unroll``
+    The GRPO train step with the layer ``lax.scan`` rolled (``ModelConfig.scan_unroll=1``, the
+    default) vs fully unrolled (``scan_unroll=n_layers``; ``--config.model.scan_unroll`` in the
+    trainer): step time (interleaved, paired ratio), compile time and compiled temp memory, at the
+    reference shape (4 layers, 32 x 512) and at a 16-layer model of the same width (8 x 256), where
+    unrolling's compile cost shows.
 """
 
 from __future__ import annotations
@@ -91,7 +98,7 @@ from actfocus_jax.rollout.engine import (
     transformer_policy,
 )
 
-SUITES = ("actfocus", "train", "rollout")
+SUITES = ("actfocus", "train", "rollout", "unroll")
 
 
 # ----------------------------------------------------------------------------------------- shapes
@@ -409,6 +416,74 @@ def suite_actfocus(quick: bool, reps: int | None) -> dict:
     return {"model_config": dataclasses.asdict(c), "results": results}
 
 
+def suite_unroll(quick: bool, reps: int | None) -> dict:
+    """GRPO train step with the layer scan rolled (``scan_unroll=1``) vs fully unrolled, side by
+    side: step time (interleaved, paired ratio), compile time and compiled memory, at the reference
+    shape and at a deeper model of the same width (compile time grows with depth when unrolled)."""
+    reps = reps or (3 if quick else 5)
+    shapes = (
+        [("reference", 4, 8, 128)] if quick else [("reference", 4, 32, 512), ("deep", 16, 8, 256)]
+    )
+    results, rows = [], []
+    for name, layers, b, seq in shapes:
+        base = reference_config().replace(n_layers=layers)
+        batch = synthetic_batch(b, seq, base.vocab_size, seed=3)
+        cfg = AlgoConfig(algo="grpo", group_size=8, num_minibatches=1)
+        variants = {}
+        for label, unroll in (("rolled", 1), ("unrolled", layers)):
+            t0 = time.perf_counter()
+            stepper, compiled = build_step(base.replace(scan_unroll=unroll), cfg, batch)
+            variants[label] = (stepper, compiled, time.perf_counter() - t0)
+        for st, _, _ in variants.values():
+            jax.block_until_ready(st())
+        times, _ = interleaved({k: v[0] for k, v in variants.items()}, reps)
+        mem = {k: memory_stats(v[1]) for k, v in variants.items()}
+        med = {k: statistics.median(v) for k, v in times.items()}
+        res = dict(
+            model=name,
+            n_layers=layers,
+            batch=b,
+            seq_len=seq,
+            reps=reps,
+            time_s=med,
+            times_s=times,
+            tokens_per_s={k: b * seq / v for k, v in med.items()},
+            speedup_paired=paired_ratio(times["rolled"], times["unrolled"]),
+            compile_s={k: v[2] for k, v in variants.items()},
+            memory={k: v for k, v in mem.items()},
+        )
+        results.append(res)
+        rows.append(
+            [
+                f"{name} ({layers} layers)",
+                f"{b}x{seq}",
+                f"{med['rolled'] * 1e3:.0f}",
+                f"{med['unrolled'] * 1e3:.0f}",
+                f"{res['speedup_paired']:.3f}",
+                f"{res['compile_s']['rolled']:.1f}",
+                f"{res['compile_s']['unrolled']:.1f}",
+                f"{mib(mem['rolled'].get('temp', 0)):.0f}",
+                f"{mib(mem['unrolled'].get('temp', 0)):.0f}",
+            ]
+        )
+    print_table(
+        f"unroll: GRPO step, layer scan rolled vs fully unrolled, median of {reps}",
+        [
+            "model",
+            "batch",
+            "rolled ms",
+            "unrolled ms",
+            "speed-up (paired)",
+            "compile rolled s",
+            "compile unrolled s",
+            "temp rolled MiB",
+            "temp unrolled MiB",
+        ],
+        rows,
+    )
+    return {"results": results}
+
+
 def make_matmul(n: int) -> tuple[Callable[[], Any], float]:
     k1, k2 = jax.random.split(jax.random.key(0))
     a = jax.random.normal(k1, (n, n), jnp.float32)
@@ -707,7 +782,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{info['device_count']} device(s), {info['cpu_count']} CPUs, load {info['load_average_at_start']})"
     )
     out: dict[str, Any] = {"environment": info, "quick": args.quick, "suites": {}}
-    fns = {"actfocus": suite_actfocus, "train": suite_train, "rollout": suite_rollout}
+    fns = {
+        "actfocus": suite_actfocus,
+        "train": suite_train,
+        "rollout": suite_rollout,
+        "unroll": suite_unroll,
+    }
     t_all = time.perf_counter()
     for s in suites:
         t0 = time.perf_counter()

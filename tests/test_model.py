@@ -319,3 +319,32 @@ def test_hf_config_round_trip_and_errors():
         ModelConfig.from_hf_config({**hf, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
     with pytest.raises(ModelConfigError, match="hidden_size"):
         ModelConfig.from_hf_config({k: v for k, v in hf.items() if k != "hidden_size"})
+
+
+def test_unrolled_layer_scan_gives_the_same_outputs():
+    """scan_unroll is a runtime option: fully unrolled (and partially, 3 of 4 layers: a remainder
+    iteration) gives the rolled model's logits, cached logits and cache; set_scan_unroll changes
+    only the graph definition."""
+    from actfocus_jax.models.transformer import set_scan_unroll
+
+    c = CFG.replace(n_layers=4)
+    rolled = init_model(c, 0)
+    randomize(rolled, 7)
+    g_rolled, state = nnx.split(rolled)
+    rng = np.random.default_rng(3)
+    ids = jnp.asarray(rng.integers(0, c.vocab_size, (2, 9)), jnp.int32)
+    mask = jnp.asarray(np.arange(9)[None] < np.array([[9], [6]]))
+    ref = np.asarray(_apply(g_rolled, state, ids, None, mask))
+    cache0 = init_cache(c, 2, 12)
+    ref_c, ref_cache = _fwd_cache(g_rolled, state, ids, jnp.array([9, 6]), cache0)
+    for unroll in (4, 3, 99):
+        m = set_scan_unroll(init_model(c, 0), unroll)
+        assert m.config.scan_unroll == unroll and m.backbone.config.scan_unroll == unroll
+        g = nnx.split(m)[0]
+        assert g != g_rolled
+        np.testing.assert_allclose(np.asarray(_apply(g, state, ids, None, mask)), ref, atol=2e-6)
+        got_c, got_cache = _fwd_cache(g, state, ids, jnp.array([9, 6]), cache0)
+        np.testing.assert_allclose(np.asarray(got_c), np.asarray(ref_c), atol=2e-6)
+        np.testing.assert_allclose(np.asarray(got_cache.k), np.asarray(ref_cache.k), atol=2e-6)
+    with pytest.raises(ModelConfigError, match="scan_unroll"):
+        CFG.replace(scan_unroll=0)

@@ -141,3 +141,43 @@ def test_non_finite_minibatch_is_rejected_and_state_kept(rollout):
     before, state, metrics = _update(model, bad, cfg)
     assert int(metrics.num_rejected) == 2
     chex.assert_trees_all_equal(jax.tree.map(np.asarray, state.params), before)
+
+
+def test_make_optimizer_kinds_match_their_update_rules():
+    """SGD (momentum b1) and AdamW (eps) after global-norm clipping, against hand-written float64
+    updates of two steps."""
+    from actfocus_jax.rl.train_step import make_optimizer
+
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)}
+    grads = [{"w": jnp.asarray(rng.normal(size=(3, 4)) * s, jnp.float32)} for s in (3.0, 0.1)]
+
+    def clipped(g, max_norm=1.0):
+        g = np.asarray(g["w"], np.float64)
+        return g * min(1.0, max_norm / np.linalg.norm(g))
+
+    def run(opt):
+        state, p, out = opt.init(params), params, []
+        for g in grads:
+            upd, state = opt.update(g, state, p)
+            p = jax.tree.map(lambda a, b: a + b, p, upd)
+            out.append(np.asarray(upd["w"], np.float64))
+        return out
+
+    lr, mom = 0.1, 0.5
+    got = run(make_optimizer(lr, kind="sgd", b1=mom))
+    m1 = clipped(grads[0])
+    m2 = mom * m1 + clipped(grads[1])
+    np.testing.assert_allclose(got[0], -lr * m1, rtol=1e-5)
+    np.testing.assert_allclose(got[1], -lr * m2, rtol=1e-5)
+
+    eps, b1, b2 = 0.5, 0.9, 0.999
+    got = run(make_optimizer(lr, eps=eps, b1=b1, b2=b2))
+    m = v = 0.0
+    for t, g in enumerate(grads, 1):
+        g = clipped(g)
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+        ref = -lr * (m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps)
+        np.testing.assert_allclose(got[t - 1], ref, rtol=1e-5)
+    with pytest.raises(ValueError, match="adamw"):
+        make_optimizer(lr, kind="lion")

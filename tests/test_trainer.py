@@ -98,10 +98,14 @@ def test_end_to_end_environments(tmp_path, env):
     extra = {"rollout.path": "host"} if env == "webshop" else {}
     if env == "webshop":
         extra["env.max_actions_per_episode"] = 2
+    if env == "sudoku":  # runtime model / optimiser options reach the run
+        extra.update({"model.scan_unroll": 2, "optim.optimizer": "sgd", "optim.b1": 0.0})
     c = tiny_config(tmp_path, env, **extra)
     exp = Experiment(c)
     exp.run_rl()
     assert_trained(exp, c)
+    if env == "sudoku":
+        assert exp.policy_config.scan_unroll == 2
 
 
 def test_resume_is_exact_and_survives_interrupted_and_corrupted_checkpoints(tmp_path):
@@ -171,6 +175,12 @@ def test_config_errors_name_the_field(tmp_path):
         validate(c)
     c = tiny_config(tmp_path, **{"actfocus.tau": 0.0})
     with pytest.raises(ConfigError, match="tau"):
+        validate(c)
+    c = tiny_config(tmp_path, **{"optim.optimizer": "lion"})
+    with pytest.raises(ConfigError, match=r"optim\.optimizer"):
+        validate(c)
+    c = tiny_config(tmp_path, **{"optim.eps": 0.0})
+    with pytest.raises(ConfigError, match=r"optim\.eps"):
         validate(c)
     c = tiny_config(tmp_path, **{"model.init": "sft"})
     with pytest.raises(FileNotFoundError, match=r"experiments\.sft"):

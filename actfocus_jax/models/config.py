@@ -56,6 +56,10 @@ class ModelConfig:
       param_dtype: storage dtype of the parameters (``"float32"`` / ``"bfloat16"`` / ``"float16"``).
       dtype: compute dtype of activations and matmuls. Softmax, norms and logits are float32.
       architecture: HF architecture name written to ``config.json``.
+      scan_unroll: layers per iteration of the ``lax.scan`` over the stacked blocks (1 = a rolled
+        loop, ``n_layers`` or more = fully unrolled). A runtime option, not part of the HF config:
+        unrolling lets XLA fuse across layer boundaries (faster steps) at the price of compile time
+        that grows with depth; ``python -m experiments.bench --suite unroll`` measures both.
     """
 
     vocab_size: int
@@ -73,8 +77,14 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"
     architecture: str = "Qwen2ForCausalLM"
+    scan_unroll: int = 1
 
     def __post_init__(self) -> None:
+        if not isinstance(self.scan_unroll, int) or self.scan_unroll < 1:
+            raise ModelConfigError(
+                f"scan_unroll must be an int >= 1 (1 = rolled loop, >= n_layers = fully unrolled), "
+                f"got {self.scan_unroll!r}"
+            )
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:

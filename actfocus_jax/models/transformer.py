@@ -332,7 +332,7 @@ class Backbone(nnx.Module):
             q, k, v = _qkv(c, p, x, positions)
             return _finish_block(c, p, x, causal_attention(q, k, v, mask)), None
 
-        x, _ = jax.lax.scan(body, x, self.layers.stacked())
+        x, _ = jax.lax.scan(body, x, self.layers.stacked(), unroll=_unroll(c))
         return rms_norm(x, self.final_norm[...], c.rms_norm_eps, jnp.dtype(c.dtype))
 
     def forward_with_cache(
@@ -369,11 +369,16 @@ class Backbone(nnx.Module):
 
         layer_ids = jnp.arange(c.n_layers, dtype=jnp.int32)
         (x, ck, cv), _ = jax.lax.scan(
-            body, (x, cache.k, cache.v), (self.layers.stacked(), layer_ids)
+            body, (x, cache.k, cache.v), (self.layers.stacked(), layer_ids), unroll=_unroll(c)
         )
         h = rms_norm(x, self.final_norm[...], c.rms_norm_eps, jnp.dtype(c.dtype))
         new_len = length + jnp.clip(num_valid.astype(jnp.int32), 0, t)
         return h, KVCache(k=ck, v=cv, length=new_len)
+
+
+def _unroll(c: ModelConfig) -> int:
+    """``lax.scan``'s ``unroll`` for the layer loop (capped at the depth)."""
+    return min(c.scan_unroll, c.n_layers)
 
 
 class CausalLM(nnx.Module):
@@ -480,6 +485,16 @@ def init_model(config: ModelConfig, seed: int = 0) -> CausalLM:
 
 # ------------------------------------------------------------------------ functional entry points
 ModelLike = CausalLM | tuple[nnx.GraphDef, nnx.State]
+
+
+def set_scan_unroll(model: nnx.Module, unroll: int) -> nnx.Module:
+    """Sets :attr:`ModelConfig.scan_unroll` on every submodule of ``model`` in place (a runtime
+    option: the parameters do not change, only the graph definition). Returns ``model``."""
+    for _, m in model.iter_modules():
+        cfg = getattr(m, "config", None)
+        if isinstance(cfg, ModelConfig) and cfg.scan_unroll != unroll:
+            m.config = cfg.replace(scan_unroll=unroll)
+    return model
 
 
 def as_graph_state(model: ModelLike) -> tuple[nnx.GraphDef, nnx.State]:

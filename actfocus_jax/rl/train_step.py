@@ -142,12 +142,27 @@ def make_optimizer(
     max_grad_norm: float = 1.0,
     b1: float = 0.9,
     b2: float = 0.999,
+    eps: float = 1e-8,
+    kind: str = "adamw",
 ) -> optax.GradientTransformation:
-    """AdamW after global-norm gradient clipping (``max_grad_norm <= 0`` disables clipping)."""
+    """AdamW (or SGD with momentum ``b1``) after global-norm gradient clipping
+    (``max_grad_norm <= 0`` disables clipping).
+
+    ``kind="sgd"`` exists for optimiser probes: Adam's per-parameter normalisation turns a tiny but
+    consistent gradient (e.g. on near-deterministic template tokens) into a full ``learning_rate``
+    step, which SGD does not; a larger ``eps`` damps the same effect within Adam.
+    """
+    if kind not in ("adamw", "sgd"):
+        raise ValueError(f'optimizer kind must be "adamw" or "sgd", got {kind!r}')
     parts = []
     if max_grad_norm > 0:
         parts.append(optax.clip_by_global_norm(max_grad_norm))
-    parts.append(optax.adamw(learning_rate, b1=b1, b2=b2, weight_decay=weight_decay))
+    if kind == "adamw":
+        parts.append(optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+    else:
+        if weight_decay:
+            parts.append(optax.add_decayed_weights(weight_decay))
+        parts.append(optax.sgd(learning_rate, momentum=b1 or None))
     return optax.chain(*parts)
 
 

@@ -96,6 +96,15 @@ def validate(c: Any) -> None:
         f"must divide the batch of num_tasks x group_size = {batch} episodes",
     )
     _check(c.optim.learning_rate > 0, "optim.learning_rate", c.optim.learning_rate, "must be > 0")
+    _check(
+        c.optim.optimizer in ("adamw", "sgd"),
+        "optim.optimizer",
+        c.optim.optimizer,
+        'use "adamw" or "sgd"',
+    )
+    _check(0 <= c.optim.b1 < 1, "optim.b1", c.optim.b1, "must be in [0, 1)")
+    _check(0 <= c.optim.b2 < 1, "optim.b2", c.optim.b2, "must be in [0, 1)")
+    _check(c.optim.eps > 0, "optim.eps", c.optim.eps, "must be > 0")
     _check(c.train.steps >= 0, "train.steps", c.train.steps, "must be >= 0")
     _check(c.train.save_every >= 1, "train.save_every", c.train.save_every, "must be >= 1")
     _check(c.train.keep >= 1, "train.keep", c.train.keep, "must be >= 1")

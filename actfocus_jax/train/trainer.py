@@ -26,7 +26,7 @@ from flax import nnx
 from actfocus_jax import envs
 from actfocus_jax.data.webshop_goals import build_webshop_goals, load_goal_indices
 from actfocus_jax.models import CausalLM, get_config, load_pretrained, save_pretrained
-from actfocus_jax.models.transformer import init_model, value_model_from_policy
+from actfocus_jax.models.transformer import init_model, set_scan_unroll, value_model_from_policy
 from actfocus_jax.rl.train_step import (
     TrainStatics,
     batch_from_buffer,
@@ -134,10 +134,14 @@ class Experiment:
         """The model's config: the HF checkpoint's, or the preset with a vocab fitting the tokenizer."""
         c = self.config
         if self._hf_model is not None:
-            return self._hf_model.config
+            return self._hf_model.config.replace(scan_unroll=int(c.model.scan_unroll))
         overrides = {k: int(c.model[k]) for k in ("n_layers", "d_model", "mlp_dim") if c.model[k]}
         cfg = get_config(
-            c.model.preset, dtype=c.model.dtype, param_dtype=c.model.param_dtype, **overrides
+            c.model.preset,
+            dtype=c.model.dtype,
+            param_dtype=c.model.param_dtype,
+            scan_unroll=int(c.model.scan_unroll),
+            **overrides,
         )
         if cfg.vocab_size < self.tokenizer.vocab_size:
             raise ValueError(
@@ -218,7 +222,7 @@ class Experiment:
     def init_policy(self) -> CausalLM:
         """A policy per ``config.model.init``: random, the SFT checkpoint, or a HF directory."""
         init = str(self.config.model.init)
-        model = self._load_policy(init)
+        model = set_scan_unroll(self._load_policy(init), int(self.config.model.scan_unroll))
         self.policy_config = model.config
         return model
 
@@ -315,7 +319,13 @@ class Experiment:
         algo = algo_config_from(c)
         lr = _schedule(c.optim.learning_rate, c.optim.warmup_steps)
         opt = make_optimizer(
-            lr, weight_decay=c.optim.weight_decay, max_grad_norm=c.optim.max_grad_norm
+            lr,
+            weight_decay=c.optim.weight_decay,
+            max_grad_norm=c.optim.max_grad_norm,
+            b1=c.optim.b1,
+            b2=c.optim.b2,
+            eps=c.optim.eps,
+            kind=c.optim.optimizer,
         )
         copt = None
         if algo.algo == "ppo":

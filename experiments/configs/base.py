@@ -50,6 +50,9 @@ def get_base_config(env: str = "sokoban", model: str = "tiny") -> ml_collections
     c.model.d_model = ml_collections.config_dict.placeholder(int)
     c.model.mlp_dim = ml_collections.config_dict.placeholder(int)
     c.model.param_dtype = "float32"
+    # Layers per lax.scan iteration (1 = rolled; >= n_layers = fully unrolled: faster steps, longer
+    # compiles; `python -m experiments.bench --suite unroll` measures both).
+    c.model.scan_unroll = 1
 
     c.sft = ml_collections.ConfigDict()
     c.sft.steps = 300
@@ -113,6 +116,10 @@ def get_base_config(env: str = "sokoban", model: str = "tiny") -> ml_collections
     c.optim.warmup_steps = 5
     c.optim.weight_decay = 0.0
     c.optim.max_grad_norm = 1.0
+    c.optim.optimizer = "adamw"  # or "sgd" (momentum = b1) for the policy's RL updates
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 60
