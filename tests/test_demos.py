@@ -384,3 +384,37 @@ def test_truncation_is_counted_and_warned(built):
     assert all(b["valid"].all() for b in batches)
     batch, n = make_sft_batch([], 2, 8, pad_id=0)
     assert n == 0 and not batch["valid"].any() and np.all(batch["roles"] == Role.PAD)
+
+
+@pytest.mark.parametrize("cfg", list(CONFIGS))
+def test_state_reasoning_describes_the_state_not_the_decision(cfg):
+    """reasoning="state": the same episodes (same actions, same noise draws), the <think> span keeps
+    the state description of the "plan" style and drops every word about the chosen actions."""
+    env = get_env(cfg)
+    unk = env.tokenizer.token_to_id("<unk>")
+    n = 4
+    plan = get_demos(cfg, 0.3, n=n)
+    state = generate_demos(
+        env,
+        get_tasks(cfg, n),
+        list(range(n)),
+        epsilon=0.3,
+        seed=7,
+        generator=DemoGenerator(env, reasoning="state"),
+    )
+    assert len(plan) == len(state)
+    decision_words = re.compile(r"\bI (go|try|push|put)\b")
+    for p, s in zip(plan, state):
+        assert s.actions == p.actions and s.success == p.success
+        assert unk not in s.tokens.tolist()
+        for rp, rs in zip(p.responses, s.responses):
+            think_p = rp.split("</think>")[0].removeprefix("<think>").strip()
+            think_s = rs.split("</think>")[0].removeprefix("<think>").strip()
+            assert not decision_words.search(think_s), rs
+            assert rp.split("</think>")[1] == rs.split("</think>")[1]  # the same answer
+            if cfg != "sudoku":  # the state sentences are the plan style's opening sentences
+                assert think_p.startswith(think_s.removesuffix("I cannot solve this .").strip())
+            else:  # the cells of the answer, with their candidates (no value chosen)
+                assert re.findall(r"row \d col \d", think_s) == re.findall(r"row \d col \d", think_p)
+    with pytest.raises(ValueError, match="reasoning style"):
+        make_expert(env, "story")

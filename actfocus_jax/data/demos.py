@@ -134,6 +134,8 @@ class DemoGenerator:
       template: the rollout token template; default ``make_turn_template(env.tokenizer,
         system_prompt_for(env, prompt), "plain")``.
       prompt: prompt style when ``template`` is None (``"full"`` or ``"compact"``).
+      reasoning: reasoning style of the responses, ``"plan"`` or ``"state"`` (see
+        :data:`actfocus_jax.data.reasoning.REASONING_STYLES`).
     """
 
     def __init__(
@@ -143,6 +145,7 @@ class DemoGenerator:
         epsilon: float = 0.1,
         template: TurnTemplate | None = None,
         prompt: str = "full",
+        reasoning: str = "plan",
     ):
         if not 0.0 <= epsilon <= 1.0:
             raise ValueError(f"epsilon must be in [0, 1], got {epsilon}")
@@ -152,7 +155,7 @@ class DemoGenerator:
         self.template = template or make_turn_template(
             env.tokenizer, system_prompt_for(env, prompt), "plain"
         )
-        self.expert: Expert = make_expert(env)
+        self.expert: Expert = make_expert(env, reasoning)
         self._reset = jax.jit(env.reset)
 
         def step(state, ids, length):
@@ -348,6 +351,8 @@ class SftDemosConfig(tfds.core.BuilderConfig):
       tokenizer: ``"embedded"`` (the only tokenizer supported by the builder).
       prompt: system prompt style, ``"full"`` or ``"compact"`` (see
         :func:`actfocus_jax.rollout.engine.system_prompt_for`; use the RL runs' style).
+      reasoning: reasoning style, ``"plan"`` (narrate the state and the answer's actions) or
+        ``"state"`` (the state only: the decision is made in the answer).
     """
 
     env: str = "sokoban"
@@ -362,6 +367,7 @@ class SftDemosConfig(tfds.core.BuilderConfig):
     task_seed: int = 0
     tokenizer: str = "embedded"
     prompt: str = "full"
+    reasoning: str = "plan"
 
 
 def demo_splits(num_tasks: int, val_fraction: float) -> dict[str, int]:
@@ -450,7 +456,7 @@ class SftDemos(tfds.core.GeneratorBasedBuilder):
             )
         order = np.random.default_rng(cfg.seed).permutation(len(ids))[: cfg.num_tasks]
         env = make(cfg.env, **dict(cfg.env_options))
-        gen = DemoGenerator(env, epsilon=cfg.epsilon, prompt=cfg.prompt)
+        gen = DemoGenerator(env, epsilon=cfg.epsilon, prompt=cfg.prompt, reasoning=cfg.reasoning)
         sizes = demo_splits(cfg.num_tasks, cfg.val_fraction)
         out, start = {}, 0
         for split in DEMO_SPLITS:
@@ -492,13 +498,15 @@ def build_demos(
     task_seed: int = 0,
     name: str | None = None,
     prompt: str = "full",
+    reasoning: str = "plan",
 ) -> SftDemos:
     """Builds (once; later calls reuse the files) and returns the demonstration builder.
 
     The task set (``build_task_set(data_dir, env, num_train=task_num_train, num_test=task_num_test,
     seed=task_seed, env_options=env_options)``, the one the RL runs should use) is built first if
     needed; demos use its train split only. The dataset lives in ``data_dir/sft_demos/<name>/1.0.0``
-    with ``name`` derived from the env and all settings unless given.
+    with ``name`` derived from the env and all settings unless given (``reasoning="plan"``, the
+    original style, is left out of the name so that existing datasets keep theirs).
     """
     options = dict(env_options or {})
     settings = dict(
@@ -513,10 +521,15 @@ def build_demos(
         prompt=str(prompt),
     )
     if name is None:
-        key = repr((env, sorted(options.items()), sorted(settings.items()), "embedded"))
+        named = dict(settings, **({"reasoning": reasoning} if reasoning != "plan" else {}))
+        key = repr((env, sorted(options.items()), sorted(named.items()), "embedded"))
         name = f"{env}_{hashlib.sha1(key.encode()).hexdigest()[:10]}"
     config = SftDemosConfig(
-        name=name, env=env, env_options=tuple(sorted(options.items())), **settings
+        name=name,
+        env=env,
+        env_options=tuple(sorted(options.items())),
+        reasoning=str(reasoning),
+        **settings,
     )
     builder = SftDemos(config=config, data_dir=os.fspath(data_dir), file_format="array_record")
     return prepare_once(

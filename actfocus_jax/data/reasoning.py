@@ -72,15 +72,26 @@ def format_response(reasoning: str, answers: Sequence[str], tags: dict[str, str]
     )
 
 
+#: Reasoning styles: ``"plan"`` narrates the state *and* the actions written in the answer (the
+#: decision is made in ``<think>`` and the answer copies it); ``"state"`` describes the state only
+#: (Sokoban / FrozenLake: positions and nearby holes; Sudoku: the candidates of the cells the answer
+#: fills), so the decision is made in the answer tokens.
+REASONING_STYLES = ("plan", "state")
+
+
 class Expert:
     """Host-side planner and narrator for one environment (see the module docstring).
 
     Args:
       env: a JAX environment (:class:`actfocus_jax.envs.base.JaxEnv`).
+      style: reasoning style, one of :data:`REASONING_STYLES`.
     """
 
-    def __init__(self, env: Any):
+    def __init__(self, env: Any, style: str = "plan"):
+        if style not in REASONING_STYLES:
+            raise ValueError(f"reasoning style must be one of {REASONING_STYLES}, got {style!r}")
         self.env = env
+        self.style = style
         self.num_actions = len(env.action_names)
 
     def task_from_state(self, state: Any) -> Any:
@@ -112,8 +123,8 @@ class Expert:
 class SokobanExpert(Expert):
     """Sokoban: where the player, boxes and targets are, which way boxes get pushed, the moves."""
 
-    def __init__(self, env: Any):
-        super().__init__(env)
+    def __init__(self, env: Any, style: str = "plan"):
+        super().__init__(env, style)
         from actfocus_jax.envs.sokoban import DELTAS
 
         self.deltas = [tuple(int(x) for x in d) for d in DELTAS]
@@ -145,6 +156,8 @@ class SokobanExpert(Expert):
         elif loose:
             where += f" , boxes at {_join_list(loose)} , targets at {_join_list(free)}"
         parts = [where + " ."]
+        if self.style == "state":
+            return " ".join(parts + ([] if planned else ["I cannot solve this ."]))
         # Replay the written actions with the env's own rules to see which ones push a box.
         pushes: list[str] = []
         st = state
@@ -169,8 +182,8 @@ class SokobanExpert(Expert):
 class FrozenLakeExpert(Expert):
     """FrozenLake: player and goal positions, the holes next to the player, the moves."""
 
-    def __init__(self, env: Any):
-        super().__init__(env)
+    def __init__(self, env: Any, style: str = "plan"):
+        super().__init__(env, style)
         from actfocus_jax.envs.frozenlake import DELTAS
 
         self.deltas = [tuple(int(x) for x in d) for d in DELTAS]
@@ -198,6 +211,8 @@ class FrozenLakeExpert(Expert):
         parts.append(f"There is a hole {_join_list(near)} ." if near else "No hole is next to me .")
         if not planned:
             parts.append("I cannot reach the goal .")
+        if self.style == "state":
+            return " ".join(parts)
         moves = " , ".join(_DIR_WORDS[self.deltas[int(a)]] for a in actions)
         parts.append(f"I go {moves} ." if planned else f"I try {moves} .")
         return " ".join(parts)
@@ -206,8 +221,8 @@ class FrozenLakeExpert(Expert):
 class SudokuExpert(Expert):
     """Sudoku: for each written action, whether the cell is empty and which digits fit there."""
 
-    def __init__(self, env: Any):
-        super().__init__(env)
+    def __init__(self, env: Any, style: str = "plan"):
+        super().__init__(env, style)
         self.n, self.box = int(env.size), int(env.box_size)
 
     def task_from_state(self, state: Any) -> Any:
@@ -277,10 +292,16 @@ class SudokuExpert(Expert):
             r, c, v = self._decode(a)
             where = f"row {r + 1} col {c + 1}"
             if grid[r, c] != 0:
-                parts.append(f"{where} has {int(grid[r, c])} , I try {v} .")
+                parts.append(
+                    f"{where} has {int(grid[r, c])} ."
+                    if self.style == "state"
+                    else f"{where} has {int(grid[r, c])} , I try {v} ."
+                )
                 continue
             cands = self.candidates(grid, r, c)
-            if cands == [v]:
+            if self.style == "state":  # the candidates only; the answer picks the value
+                parts.append(f"{where} : {' or '.join(str(x) for x in cands) or 'none'} .")
+            elif cands == [v]:
                 parts.append(f"{where} : only {v} is missing .")
             elif v in cands:
                 options = " or ".join(str(x) for x in cands)
@@ -297,15 +318,15 @@ _EXPERTS: dict[str, type[Expert]] = {
 }
 
 
-def make_expert(env: Any) -> Expert:
-    """The :class:`Expert` of ``env`` (by ``env.name``)."""
+def make_expert(env: Any, style: str = "plan") -> Expert:
+    """The :class:`Expert` of ``env`` (by ``env.name``) with reasoning ``style``."""
     cls = _EXPERTS.get(getattr(env, "name", ""))
     if cls is None:
         raise ValueError(
             f"no demonstration expert for env {getattr(env, 'name', env)!r}; "
             f"known: {sorted(_EXPERTS)}"
         )
-    return cls(env)
+    return cls(env, style)
 
 
 def task_from_state(env: Any, state: Any) -> Any:

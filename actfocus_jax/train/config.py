@@ -59,6 +59,12 @@ def validate(c: Any) -> None:
     _check(c.sft.steps >= 0, "sft.steps", c.sft.steps, "must be >= 0")
     _check(c.sft.batch_size >= 1, "sft.batch_size", c.sft.batch_size, "must be >= 1")
     _check(0.0 <= c.sft.epsilon <= 1.0, "sft.epsilon", c.sft.epsilon, "must be in [0, 1]")
+    _check(
+        c.sft.reasoning in ("plan", "state"),
+        "sft.reasoning",
+        c.sft.reasoning,
+        'use "plan" (narrate the actions) or "state" (describe the state only)',
+    )
     r = c.rollout
     _check(r.num_tasks >= 1, "rollout.num_tasks", r.num_tasks, "must be >= 1")
     _check(r.group_size >= 1, "rollout.group_size", r.group_size, "must be >= 1")

@@ -601,6 +601,7 @@ def run_sft(exp: Experiment) -> dict[str, Any]:
         task_num_test=c.data.num_test,
         task_seed=c.data.seed,
         prompt=c.rollout.prompt,
+        reasoning=c.sft.reasoning,
     )
     t_data = time.perf_counter() - t0
     model = init_model(exp.model_config(), c.seed)

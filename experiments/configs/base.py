@@ -63,6 +63,9 @@ def get_base_config(env: str = "sokoban", model: str = "tiny") -> ml_collections
     c.sft.num_tasks = 256
     c.sft.demos_per_task = 2
     c.sft.epsilon = 0.15
+    # "plan": <think> narrates the state and the actions the answer writes (the decision is made in
+    # the reasoning); "state": <think> describes the state only (the decision is made in the answer).
+    c.sft.reasoning = "plan"
 
     c.rollout = ml_collections.ConfigDict()
     c.rollout.num_tasks = 8  # tasks per RL step
