@@ -36,6 +36,13 @@ def get_config(model: str = "tiny"):
     c.sft.demos_per_task = 1
     c.sft.epsilon = 0.3
     c.sft.learning_rate = 2e-3
+    # The demonstrations' <think> describes the state only and the answer makes the decision
+    # ("state" style). With the "plan" style (<think> narrates the moves the answer then copies)
+    # the decisions sit in reasoning tokens, which ActFocus down-weights: ActFocus-GRPO then did
+    # worse than not learning at all (train success 0.21 vs 0.24 over the same 30 task batches);
+    # the state-style warm start is also stronger (held-out greedy 0.398 vs 0.320, sampled 0.320
+    # vs 0.266) and its bottleneck statistic puts the signal in the action tokens (README).
+    c.sft.reasoning = "state"
     c.rollout.num_tasks = 8
     c.rollout.group_size = 8
     c.rollout.max_response_tokens = 48
