@@ -3,12 +3,19 @@ over seeds.
 
     python -m experiments.aggregate --sweep_dir=runs/sweep [--metrics=greedy/success,sampled/success]
         [--confidence=0.95] [--include_incomplete] [--out_dir=<dir, default: the sweep directory>]
+        [--control=<run dir> [--gain_steps=11,40]]
 
 Reads every run of a directory made by ``experiments/sweep.py`` (``<run>/rl/metrics.jsonl`` and
 ``<run>/rl/summary.json``), groups the runs by variant (the run name without ``seed=...``), and
 writes ``aggregate.json`` and ``aggregate.md`` (see :mod:`actfocus_jax.analysis.results`); the
 table is also printed. Runs without ``rl/summary.json`` (running or failed) are skipped unless
 ``--include_incomplete``.
+
+``--control``: a run of the same seed and warm start that does not learn (e.g.
+``--config.optim.learning_rate=1e-12``); every run then also gets its paired gain in training
+rollout success over that control (mean over steps and t-interval,
+:func:`actfocus_jax.analysis.results.paired_gain`), printed and written to ``aggregate.json`` under
+``"paired_gain"``.
 """
 
 from __future__ import annotations
@@ -26,11 +33,22 @@ INCLUDE_INCOMPLETE = flags.DEFINE_bool(
     "include_incomplete", False, "Also use runs that have no rl/summary.json."
 )
 OUT_DIR = flags.DEFINE_string("out_dir", None, "Where to write aggregate.{json,md}.")
+CONTROL = flags.DEFINE_string(
+    "control", None, "Run directory of a non-learning control (same seed) for paired gains."
+)
+GAIN_STEPS = flags.DEFINE_list("gain_steps", None, "FIRST,LAST steps of the paired gain.")
 
 
 def main(argv: list[str]) -> None:
     del argv
-    from actfocus_jax.analysis.results import aggregate_sweep, text_table, write_aggregate
+    from actfocus_jax.analysis.results import (
+        aggregate_sweep,
+        paired_gain,
+        read_run,
+        read_sweep,
+        text_table,
+        write_aggregate,
+    )
 
     agg = aggregate_sweep(
         SWEEP_DIR.value,
@@ -44,6 +62,21 @@ def main(argv: list[str]) -> None:
             "pass --include_incomplete to use unfinished ones"
         )
     print(text_table(agg))
+    if CONTROL.value:
+        control = read_run(CONTROL.value)
+        steps = tuple(int(x) for x in GAIN_STEPS.value) if GAIN_STEPS.value else None
+        if steps is not None and len(steps) != 2:
+            raise SystemExit(f"--gain_steps needs FIRST,LAST, got {GAIN_STEPS.value}")
+        gains = {}
+        print(f"\npaired gain in training rollout success over {CONTROL.value}")
+        for r in read_sweep(SWEEP_DIR.value):
+            g = paired_gain(r, control, steps=steps, confidence=CONFIDENCE.value)
+            gains[r["name"]] = g
+            ci = "" if g["lo"] is None else f" [{g['lo']:+.3f}, {g['hi']:+.3f}]"
+            mean = "n/a" if g["mean"] is None else f"{g['mean']:+.3f}"
+            warn = "" if g["same_first_step"] else "  (first steps differ: not paired?)"
+            print(f"  {r['name']}: {mean}{ci} over steps {g['steps'][0]}-{g['steps'][1]}{warn}")
+        agg["paired_gain"] = {"control": CONTROL.value, "runs": gains}
     paths = write_aggregate(agg, OUT_DIR.value or SWEEP_DIR.value)
     print(f"[aggregate] wrote {paths['json']} and {paths['markdown']}")
 

@@ -415,6 +415,8 @@ def test_state_reasoning_describes_the_state_not_the_decision(cfg):
             if cfg != "sudoku":  # the state sentences are the plan style's opening sentences
                 assert think_p.startswith(think_s.removesuffix("I cannot solve this .").strip())
             else:  # the cells of the answer, with their candidates (no value chosen)
-                assert re.findall(r"row \d col \d", think_s) == re.findall(r"row \d col \d", think_p)
+                assert re.findall(r"row \d col \d", think_s) == re.findall(
+                    r"row \d col \d", think_p
+                )
     with pytest.raises(ValueError, match="reasoning style"):
         make_expert(env, "story")

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from fake_sweep import FAKE_SWEEP, write_fake_sweep
+from fake_sweep import FAKE_SWEEP, write_fake_run, write_fake_sweep
 
 from actfocus_jax.analysis import results as R
 
@@ -186,3 +186,48 @@ def test_aggregate_cli_writes_json_and_markdown(tmp_path):
     agg = json.loads((tmp_path / "sweep" / "aggregate.json").read_text())
     assert len(agg["variants"]) == 2
     assert (tmp_path / "sweep" / "aggregate.md").read_text().startswith("| variant")
+
+
+def test_paired_gain_matches_numpy_and_flags_unpaired_runs():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    difficulty = rng.uniform(0.0, 0.6, 30)  # per-step level difficulty shared by both runs
+    gain = np.linspace(0.0, 0.1, 30)
+    ctrl = [{"step": s + 1, "rollout/success": float(difficulty[s])} for s in range(30)]
+    run = [{"step": s + 1, "rollout/success": float(difficulty[s] + gain[s])} for s in range(30)]
+    run.append({"step": 31, "rollout/success": 1.0})  # not in the control: ignored
+    g = R.paired_gain({"records": run}, {"records": ctrl}, steps=(11, 30))
+    d = gain[10:30]
+    half = 2.093024054408263 * d.std(ddof=1) / np.sqrt(len(d))  # t_{0.975, 19}
+    assert g["steps"] == [11, 30, 20] and g["same_first_step"]
+    assert math.isclose(g["mean"], d.mean(), abs_tol=1e-12)
+    assert math.isclose(g["half_width"], half, rel_tol=1e-9)
+    shifted = [dict(r, **{"rollout/success": r["rollout/success"] + 0.01}) for r in run]
+    assert not R.paired_gain({"records": shifted}, {"records": ctrl})["same_first_step"]
+    empty = R.paired_gain({"records": run}, {"records": ctrl}, steps=(40, 50))
+    assert empty["n"] == 0 and empty["mean"] is None and empty["steps"] == [None, None, 0]
+
+
+def test_aggregate_cli_paired_gain_over_a_control(tmp_path):
+    write_fake_sweep(tmp_path / "sweep")
+    write_fake_run(tmp_path / "control", (0.0, 0.0), 0.0)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.aggregate",
+            f"--sweep_dir={tmp_path / 'sweep'}",
+            f"--control={tmp_path / 'control'}",
+            "--gain_steps=2,4",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        check=True,
+    )
+    assert "paired gain" in out.stdout
+    agg = json.loads((tmp_path / "sweep" / "aggregate.json").read_text())
+    gains = agg["paired_gain"]["runs"]
+    assert len(gains) == 4  # the fake runs all log rollout/success = 0.1 * step, as the control
+    assert all(g["mean"] == 0.0 and g["steps"] == [2, 4, 3] for g in gains.values())

@@ -42,6 +42,7 @@ __all__ = [
     "markdown_table",
     "mean_ci",
     "metric_curve",
+    "paired_gain",
     "parse_run_name",
     "read_run",
     "read_sweep",
@@ -362,6 +363,57 @@ def aggregate(
         "skipped": skipped,
         "variants": variants,
     }
+
+
+def paired_gain(
+    run: Mapping[str, Any],
+    control: Mapping[str, Any],
+    key: str = "rollout/success",
+    *,
+    steps: tuple[int, int] | None = None,
+    confidence: float = 0.95,
+) -> dict[str, Any]:
+    """Per-step difference of a training metric between a run and a paired control.
+
+    Runs of one seed draw the same training tasks at every step, so the per-step rollout success
+    of two runs differs by what the updates changed, not by which levels were drawn (the levels'
+    difficulty varies far more from step to step than any update moves the policy). With a control
+    that does not learn (e.g. ``--config.optim.learning_rate=1e-12``: the warm start's rollouts on
+    the same levels and keys), ``run - control`` is the RL gain on the training distribution,
+    measured without the held-out evaluation's sampling noise.
+
+    Args:
+      run, control: :func:`read_run` dicts (their ``records``).
+      key: the per-step metric (default the rollout success of the training batch).
+      steps: inclusive ``(first, last)`` step range; default every step both runs logged.
+      confidence: level of the t-interval over steps. The interval treats the per-step
+        differences as independent; they are not quite (the policy drifts smoothly), so read it as
+        a lower bound on the uncertainty.
+
+    Returns:
+      :func:`mean_ci` of the differences plus ``"steps"`` (first, last, count) and
+      ``"same_first_step"``: whether the two runs logged the same value at their first common
+      step (true for runs of one seed and init: their first rollouts precede any update; false
+      means the pairing is doubtful).
+    """
+
+    def per_step(r):
+        return {
+            int(x["step"]): float(x[key])
+            for x in r["records"]
+            if "step" in x and key in x and x[key] is not None
+        }
+
+    a, b = per_step(run), per_step(control)
+    common = sorted(set(a) & set(b))
+    if steps is not None:
+        common = [s for s in common if steps[0] <= s <= steps[1]]
+    out = mean_ci([a[s] - b[s] for s in common], confidence)
+    out["steps"] = [common[0], common[-1], len(common)] if common else [None, None, 0]
+    first = sorted(set(a) & set(b))
+    out["same_first_step"] = bool(first) and a[first[0]] == b[first[0]]
+    out["key"] = key
+    return out
 
 
 def aggregate_sweep(
