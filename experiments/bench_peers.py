@@ -16,6 +16,8 @@ time** (all tokens of a row, padding included, as every framework runs the model
   it on), in the project's interpreter (``experiments/peers/worker_ours.py``).
 * ``ours-full-attention``: the same, with the decoder's causal block attention replaced by the
   plain full ``[B, K, G, T, T]`` attention it used before (an ablation measured in the same run).
+* ``ours-unrolled``: ``ours`` with the layer scan fully unrolled (``ModelConfig.scan_unroll =
+  n_layers``; ``--config.model.scan_unroll`` in the trainer).
 * ``tunix``: ``google-tunix``'s registered GRPO policy loss + its RL actor trainer's jitted train step
   on ``tunix.models.qwen2.Qwen2`` (``experiments/peers/worker_tunix.py``), in its own virtual
   environment ``runs/peer_venvs/tunix`` (CPU jax).
@@ -58,16 +60,17 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKERS_DIR = os.path.join(REPO, "experiments", "peers")
-PEERS = ("ours", "ours-full-attention", "tunix", "trl")
+PEERS = ("ours", "ours-unrolled", "ours-full-attention", "tunix", "trl")
 #: worker script and ``--variant`` of each framework name.
 WORKER_SCRIPTS = {
     "ours": ("worker_ours.py", ""),
     "ours-full-attention": ("worker_ours.py", "full-attention"),
+    "ours-unrolled": ("worker_ours.py", "unrolled"),
     "tunix": ("worker_tunix.py", ""),
     "trl": ("worker_trl.py", ""),
 }
 #: frameworks that run in the project's own interpreter (nothing to install).
-OWN = ("ours", "ours-full-attention")
+OWN = ("ours", "ours-unrolled", "ours-full-attention")
 DEFAULT_OUT = os.path.join("experiments", "results", "bench_peers_cpu.json")
 
 #: pip requirement sets of the peer virtual environments (installed in this order, one pip call per
@@ -82,6 +85,7 @@ PEER_FALLBACK: dict[str, list[list[str]]] = {"tunix": [["google-tunix", "jax[cpu
 PEER_PACKAGES = {
     "ours": ["jax", "jaxlib", "flax", "optax"],
     "ours-full-attention": ["jax", "jaxlib", "flax", "optax"],
+    "ours-unrolled": ["jax", "jaxlib", "flax", "optax"],
     "tunix": ["google-tunix", "jax", "jaxlib", "flax", "optax"],
     "trl": ["trl", "transformers", "torch", "accelerate"],
 }

@@ -48,7 +48,7 @@ def build(spec: dict[str, Any], inputs: dict[str, np.ndarray]):
         from actfocus_jax.models import transformer
 
         transformer.causal_attention = lambda q, k, v, mask: transformer.attention(q, k, v, mask)
-    elif spec.get("variant"):
+    elif spec.get("variant") not in (None, "", "unrolled"):
         raise ValueError(f"unknown variant {spec['variant']!r}")
     m, o, a = spec["model"], spec["optim"], spec["algo"]
     cfg = get_config(
@@ -67,6 +67,7 @@ def build(spec: dict[str, Any], inputs: dict[str, np.ndarray]):
         max_seq_len=max(2048, spec["batch"]["prompt_len"] + spec["batch"]["completion_len"]),
         param_dtype="float32",
         dtype="float32",
+        scan_unroll=m["n_layers"] if spec.get("variant") == "unrolled" else 1,
     )
     model = init_model(cfg, seed=spec["seed"])
     graphdef, _ = nnx.split(model)
