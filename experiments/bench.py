@@ -57,6 +57,14 @@ Suites:
     trainer): step time (interleaved, paired ratio), compile time and compiled temp memory, at the
     reference shape (4 layers, 32 x 512) and at a 16-layer model of the same width (8 x 256), where
     unrolling's compile cost shows.
+
+``large`` (not in the default set; meant for a GPU or TPU)
+    The Qwen2.5-0.5B shape with random weights in bfloat16: train-step tokens/s and MFU against a
+    bfloat16 ``8192^3`` matmul timed interleaved (B x L = 8 x 1024, 16 x 1024, 8 x 2048), the same
+    step sharded over a ``data x fsdp`` mesh of all devices when there are several (MFU per
+    device), and fused-rollout generated tokens/s (128 Sokoban episodes x 3 turns x <= 128
+    tokens). ``--quick`` runs a 2-layer miniature so that the path can be checked on a CPU
+    (``XLA_FLAGS=--xla_force_host_platform_device_count=4`` for the sharded variant).
 """
 
 from __future__ import annotations
@@ -64,6 +72,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import platform
@@ -98,7 +107,9 @@ from actfocus_jax.rollout.engine import (
     transformer_policy,
 )
 
-SUITES = ("actfocus", "train", "rollout", "unroll")
+SUITES = ("actfocus", "train", "rollout", "unroll", "large")
+#: suites run when --suite is not given ("large" is meant for a GPU / TPU).
+DEFAULT_SUITES = ("actfocus", "train", "rollout", "unroll")
 
 
 # ----------------------------------------------------------------------------------------- shapes
@@ -213,8 +224,9 @@ def paired_ratio(a: list[float], b: list[float]) -> float:
 class Stepper:
     """Calls a compiled train step repeatedly, feeding the (donated) state back in."""
 
-    def __init__(self, compiled, state, batch, key):
+    def __init__(self, compiled, state, batch, key, statics=None):
         self.compiled, self.state, self.batch, self.key = compiled, state, batch, key
+        self.statics = statics
 
     def __call__(self):
         self.state, metrics = self.compiled(self.state, self.batch, self.key)
@@ -292,7 +304,7 @@ def build_step(
     batch = jax.tree.map(jnp.asarray, batch)
     key = jax.random.key(seed)
     compiled = train_step.lower(state, batch, key, statics=statics).compile()
-    return Stepper(compiled, state, batch, key), compiled
+    return Stepper(compiled, state, batch, key, statics), compiled
 
 
 def memory_stats(compiled) -> dict[str, int]:
@@ -484,10 +496,143 @@ def suite_unroll(quick: bool, reps: int | None) -> dict:
     return {"results": results}
 
 
-def make_matmul(n: int) -> tuple[Callable[[], Any], float]:
+def large_config(quick: bool) -> ModelConfig:
+    """The Qwen2.5-0.5B shape in bfloat16 (random weights), or a 2-layer miniature of it (quick)."""
+    c = get_config("qwen2.5-0.5b", param_dtype="bfloat16", dtype="bfloat16")
+    if quick:
+        c = c.replace(n_layers=2, d_model=128, mlp_dim=256, n_heads=2, n_kv_heads=1, head_dim=64)
+        c = c.replace(vocab_size=2048)
+    return c
+
+
+def suite_large(quick: bool, reps: int | None) -> dict:
+    """The GPU suite: a Qwen2.5-0.5B-shaped model in bfloat16 (issue 8, item 5).
+
+    Train step (GRPO + ActFocus, 1 epoch, 1 minibatch) tokens/s and MFU against a bfloat16 matmul
+    timed interleaved; with several devices also the same step sharded over a ``data`` x ``fsdp``
+    mesh of all of them; and fused-rollout generated tokens/s (Sokoban, temperature 1) of the same
+    model. ``--quick`` runs a 2-layer miniature so that the code path can be checked on a CPU.
+    """
+    from actfocus_jax.parallel import init_sharded, make_mesh, shard_batch, shard_params
+
+    reps = reps or (2 if quick else 5)
+    c = large_config(quick)
+    shapes = [(4, 64)] if quick else [(8, 1024), (16, 1024), (8, 2048)]
+    mm_n = 512 if quick else 8192
+    matmul, mm_flops = make_matmul(mm_n, jnp.bfloat16)
+    cfg = AlgoConfig(algo="grpo", group_size=2, num_minibatches=1, epochs=1, kl_coef=0.0)
+    n_dev = jax.device_count()
+    results, rows = [], []
+    for b, seq in shapes:
+        batch = synthetic_batch(b, seq, c.vocab_size, seed=4)
+        variants = {}
+        t0 = time.perf_counter()
+        stepper, compiled = build_step(c, cfg, batch)
+        variants["1 device"] = (stepper, compiled, time.perf_counter() - t0)
+        if n_dev > 1 and b % n_dev == 0:
+            t0 = time.perf_counter()
+            mesh = make_mesh(-1, n_dev // 2 if n_dev % 2 == 0 else 1, 1)
+            # A copy: the single-device stepper donates its state when it runs.
+            st = jax.tree.map(lambda x: jnp.array(x, copy=True), stepper.state)
+            st = st.replace(params=shard_params(st.params, mesh))
+            st = st.replace(opt_state=init_sharded(stepper.statics.optimizer.init, st.params, mesh))
+            sb = shard_batch(stepper.batch, mesh)
+            comp = train_step.lower(st, sb, stepper.key, statics=stepper.statics).compile()
+            # Through jit, not the AOT executable: XLA may return the state with other shardings
+            # than it took, and jit re-lays them out (the warm-up calls below absorb a recompile).
+            jitted = functools.partial(train_step, statics=stepper.statics)
+            variants[f"{n_dev} devices"] = (
+                Stepper(jitted, st, sb, stepper.key, stepper.statics),
+                comp,
+                time.perf_counter() - t0,
+            )
+        for v in variants.values():
+            for _ in range(2):
+                jax.block_until_ready(v[0]())
+        fns = {k: v[0] for k, v in variants.items()}
+        fns["matmul"] = matmul
+        times, _ = interleaved(fns, reps)
+        peak = mm_flops / statistics.median(times["matmul"])
+        model_flops = b * seq * train_flops_per_token(c, seq)
+        for k, (_, comp, compile_s) in variants.items():
+            t = statistics.median(times[k])
+            devices = 1 if k == "1 device" else n_dev
+            res = dict(
+                variant=k,
+                devices=devices,
+                batch=b,
+                seq_len=seq,
+                step_s=t,
+                tokens_per_s=b * seq / t,
+                mfu=model_flops / t / (peak * devices),
+                peak_matmul_flops_per_s=peak,
+                compile_s=compile_s,
+                times_s=times[k],
+                memory=memory_stats(comp),
+            )
+            results.append(res)
+            rows.append(
+                [k, b, seq, f"{t * 1e3:.1f}", f"{b * seq / t:.0f}", f"{100 * res['mfu']:.1f}%"]
+            )
+    print_table(
+        f"large: {c.num_params() / 1e6:.0f}M-parameter {'miniature of the ' if quick else ''}"
+        f"Qwen2.5-0.5B shape, {c.dtype}, GRPO+ActFocus "
+        f"step, median of {reps}; MFU vs a {mm_n}^3 {c.dtype} matmul (per device)",
+        ["variant", "B", "L", "step ms", "tok/s", "MFU"],
+        rows,
+    )
+    rollout = large_rollout(c, quick, reps)
+    return {
+        "model_config": dataclasses.asdict(c),
+        "matmul_n": mm_n,
+        "train": results,
+        "rollout": rollout,
+    }
+
+
+def large_rollout(c: ModelConfig, quick: bool, reps: int) -> dict:
+    """Fused-rollout throughput of the large model (random weights: the text is noise, the work is
+    real; responses run to ``max_response_tokens`` unless an end tag is sampled)."""
+    n_tasks, group, turns, max_resp = (2, 2, 2, 8) if quick else (16, 8, 3, 128)
+    env = envs.make("sokoban", max_turns=turns)
+    tok = env.tokenizer
+    model = CausalLM(c, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    rng = np.random.default_rng(0)
+    tasks = jax.tree.map(lambda *x: np.stack(x), *[env.generate_task(rng) for _ in range(n_tasks)])
+    kwargs = dict(
+        policy=transformer_policy(graphdef, c),
+        env=env,
+        template=make_turn_template(tok, env.system_prompt(), "plain"),
+        cfg=RolloutConfig(max_turns=turns, max_response_tokens=max_resp, temperature=1.0),
+        group_size=group,
+        vocab=c.vocab_size,
+    )
+    ids = np.arange(n_tasks, dtype=np.int32)
+    fn = lambda: rollout_fused(params, tasks, ids, jax.random.key(0), **kwargs)
+    buf = jax.block_until_ready(fn())
+    gen = int(np.asarray(buf.generated).sum())
+    times, _ = interleaved({"fused": fn}, reps)
+    t = statistics.median(times["fused"])
+    print(
+        f"large rollout: {n_tasks * group} episodes x {turns} turns x <= {max_resp} tokens: "
+        f"{gen} generated tokens in {t * 1e3:.0f} ms = {gen / t:.0f} tokens/s"
+    )
+    return dict(
+        episodes=n_tasks * group,
+        turns=turns,
+        max_response_tokens=max_resp,
+        generated_tokens=gen,
+        time_s=t,
+        tokens_per_s=gen / t,
+        times_s=times["fused"],
+    )
+
+
+def make_matmul(n: int, dtype: Any = jnp.float32) -> tuple[Callable[[], Any], float]:
     k1, k2 = jax.random.split(jax.random.key(0))
-    a = jax.random.normal(k1, (n, n), jnp.float32)
-    b = jax.random.normal(k2, (n, n), jnp.float32)
+    a = jax.random.normal(k1, (n, n), dtype)
+    b = jax.random.normal(k2, (n, n), dtype)
     f = jax.jit(lambda x, y: x @ y)
     jax.block_until_ready(f(a, b))
     return (lambda: f(a, b)), 2.0 * n**3
@@ -753,7 +898,9 @@ def environment_info() -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--suite", default=",".join(SUITES), help=f"comma-separated subset of {SUITES}")
+    p.add_argument(
+        "--suite", default=",".join(DEFAULT_SUITES), help=f"comma-separated subset of {SUITES}"
+    )
     p.add_argument("--out", default=None, help="JSON output path (default: none)")
     p.add_argument("--quick", action="store_true", help="small shapes, few repetitions (< 2 min)")
     p.add_argument("--reps", type=int, default=None, help="override the repetitions per variant")
@@ -787,6 +934,7 @@ def main(argv: list[str] | None = None) -> int:
         "train": suite_train,
         "rollout": suite_rollout,
         "unroll": suite_unroll,
+        "large": suite_large,
     }
     t_all = time.perf_counter()
     for s in suites:
