@@ -233,6 +233,28 @@ class Stepper:
         return self.state, metrics
 
 
+def time_steppers(
+    variants: dict[str, tuple[Stepper, Any, float]],
+    reps: int,
+    *,
+    warmups: int = 1,
+    extra: dict[str, Callable[[], Any]] | None = None,
+) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, dict[str, int]]]:
+    """Warms up each ``(stepper, compiled, compile_s)`` variant ``warmups`` times (buffer
+    allocation, donation, re-layouts), then times them, and the ``extra`` callables, interleaved.
+
+    Returns ``(times, compile_times, memory)`` as :func:`interleaved` plus :func:`memory_stats`
+    of each variant's compiled executable.
+    """
+    for stepper, _, _ in variants.values():
+        for _ in range(warmups):
+            jax.block_until_ready(stepper())
+    fns = {k: v[0] for k, v in variants.items()}
+    fns.update(extra or {})
+    times, comp = interleaved(fns, reps)
+    return times, comp, {k: memory_stats(v[1]) for k, v in variants.items()}
+
+
 # ----------------------------------------------------------------------------------------- batch
 def synthetic_batch(
     batch: int, length: int, vocab: int, *, turns: int = 3, seed: int = 0
@@ -368,10 +390,7 @@ def suite_actfocus(quick: bool, reps: int | None) -> dict:
             t0 = time.perf_counter()
             stepper, compiled = build_step(c, cfg, batch)
             variants[label] = (stepper, compiled, time.perf_counter() - t0)
-        for s, _, _ in variants.values():  # one untimed call each (buffer allocation, donation)
-            jax.block_until_ready(s())
-        times, comp = interleaved({k: v[0] for k, v in variants.items()}, reps)
-        mem = {k: memory_stats(v[1]) for k, v in variants.items()}
+        times, comp, mem = time_steppers(variants, reps)
         t_plain, t_af = statistics.median(times["plain"]), statistics.median(times["actfocus"])
         res = dict(
             algo=algo,
@@ -446,10 +465,7 @@ def suite_unroll(quick: bool, reps: int | None) -> dict:
             t0 = time.perf_counter()
             stepper, compiled = build_step(base.replace(scan_unroll=unroll), cfg, batch)
             variants[label] = (stepper, compiled, time.perf_counter() - t0)
-        for st, _, _ in variants.values():
-            jax.block_until_ready(st())
-        times, _ = interleaved({k: v[0] for k, v in variants.items()}, reps)
-        mem = {k: memory_stats(v[1]) for k, v in variants.items()}
+        times, _, mem = time_steppers(variants, reps)
         med = {k: statistics.median(v) for k, v in times.items()}
         res = dict(
             model=name,
@@ -462,7 +478,7 @@ def suite_unroll(quick: bool, reps: int | None) -> dict:
             tokens_per_s={k: b * seq / v for k, v in med.items()},
             speedup_paired=paired_ratio(times["rolled"], times["unrolled"]),
             compile_s={k: v[2] for k, v in variants.items()},
-            memory={k: v for k, v in mem.items()},
+            memory=mem,
         )
         results.append(res)
         rows.append(
@@ -546,15 +562,10 @@ def suite_large(quick: bool, reps: int | None) -> dict:
                 comp,
                 time.perf_counter() - t0,
             )
-        for v in variants.values():
-            for _ in range(2):
-                jax.block_until_ready(v[0]())
-        fns = {k: v[0] for k, v in variants.items()}
-        fns["matmul"] = matmul
-        times, _ = interleaved(fns, reps)
+        times, _, mem = time_steppers(variants, reps, warmups=2, extra={"matmul": matmul})
         peak = mm_flops / statistics.median(times["matmul"])
         model_flops = b * seq * train_flops_per_token(c, seq)
-        for k, (_, comp, compile_s) in variants.items():
+        for k, (_, _, compile_s) in variants.items():
             t = statistics.median(times[k])
             devices = 1 if k == "1 device" else n_dev
             res = dict(
@@ -568,7 +579,7 @@ def suite_large(quick: bool, reps: int | None) -> dict:
                 peak_matmul_flops_per_s=peak,
                 compile_s=compile_s,
                 times_s=times[k],
-                memory=memory_stats(comp),
+                memory=mem[k],
             )
             results.append(res)
             rows.append(

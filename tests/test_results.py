@@ -173,15 +173,20 @@ def test_seed_curves(tmp_path):
     assert c["lo"][0] < c["mean"][0] < c["hi"][0]
 
 
-def test_aggregate_cli_writes_json_and_markdown(tmp_path):
-    write_fake_sweep(tmp_path / "sweep")
-    out = subprocess.run(
-        [sys.executable, "-m", "experiments.aggregate", f"--sweep_dir={tmp_path / 'sweep'}"],
+def run_aggregate(*flags: str) -> subprocess.CompletedProcess:
+    """``python -m experiments.aggregate <flags>`` from the repository root (must succeed)."""
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.aggregate", *flags],
         capture_output=True,
         text=True,
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
         check=True,
     )
+
+
+def test_aggregate_cli_writes_json_and_markdown(tmp_path):
+    write_fake_sweep(tmp_path / "sweep")
+    out = run_aggregate(f"--sweep_dir={tmp_path / 'sweep'}")
     assert "greedy/success" in out.stdout
     agg = json.loads((tmp_path / "sweep" / "aggregate.json").read_text())
     assert len(agg["variants"]) == 2
@@ -212,19 +217,8 @@ def test_paired_gain_matches_numpy_and_flags_unpaired_runs():
 def test_aggregate_cli_paired_gain_over_a_control(tmp_path):
     write_fake_sweep(tmp_path / "sweep")
     write_fake_run(tmp_path / "control", (0.0, 0.0), 0.0)
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "experiments.aggregate",
-            f"--sweep_dir={tmp_path / 'sweep'}",
-            f"--control={tmp_path / 'control'}",
-            "--gain_steps=2,4",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-        check=True,
+    out = run_aggregate(
+        f"--sweep_dir={tmp_path / 'sweep'}", f"--control={tmp_path / 'control'}", "--gain_steps=2,4"
     )
     assert "paired gain" in out.stdout
     agg = json.loads((tmp_path / "sweep" / "aggregate.json").read_text())

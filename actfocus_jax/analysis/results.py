@@ -405,13 +405,11 @@ def paired_gain(
         }
 
     a, b = per_step(run), per_step(control)
-    common = sorted(set(a) & set(b))
-    if steps is not None:
-        common = [s for s in common if steps[0] <= s <= steps[1]]
+    both = sorted(set(a) & set(b))
+    common = both if steps is None else [s for s in both if steps[0] <= s <= steps[1]]
     out = mean_ci([a[s] - b[s] for s in common], confidence)
     out["steps"] = [common[0], common[-1], len(common)] if common else [None, None, 0]
-    first = sorted(set(a) & set(b))
-    out["same_first_step"] = bool(first) and a[first[0]] == b[first[0]]
+    out["same_first_step"] = bool(both) and a[both[0]] == b[both[0]]
     out["key"] = key
     return out
 
