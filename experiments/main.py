@@ -25,21 +25,36 @@ WORKDIR = flags.DEFINE_string("workdir", None, "Work directory (default: config.
 def main(argv: list[str]) -> None:
     del argv
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
-    from actfocus_jax.train.trainer import Experiment
+    run_main(CONFIG.value, WORKDIR.value)
+
+
+def run_main(config, workdir: str | None = None) -> dict:
+    """Task sets -> SFT -> held-out evaluation -> ActFocus-GRPO -> held-out evaluation; returns
+    (and writes to ``<workdir>/main_result.json``) both evaluations and their paired gain."""
+    from actfocus_jax.analysis.results import paired_task_gain
+    from actfocus_jax.train.trainer import FINAL_PER_TASK, Experiment
 
     t0 = time.perf_counter()
-    exp = Experiment(CONFIG.value, WORKDIR.value)
+    exp = Experiment(config, workdir)
     print(f"[main] work directory: {exp.workdir}")
     sft = exp.run_sft()
     t_sft = time.perf_counter() - t0
-    warm = exp.evaluate_checkpoint("sft")
+    warm_tasks = os.path.join(exp.workdir, "warm_start_per_task.json")
+    warm = exp.evaluate_checkpoint("sft", per_task_path=warm_tasks)
     print(f"[main] warm start (SFT) on the held-out split: {_short(warm)}")
     summary = exp.run_rl()
     final = summary["final"]
     total = time.perf_counter() - t0
+    # Paired by task: both evaluations play the same held-out tasks with the same sampling keys.
+    with open(warm_tasks) as f:
+        before = json.load(f)
+    with open(os.path.join(exp.workdir, "rl", FINAL_PER_TASK)) as f:
+        after = json.load(f)
+    gain = {m: paired_task_gain(before[m], after[m]) for m in ("greedy", "sampled") if m in before}
     result = {
         "warm_start": warm,
         "final": final,
+        "held_out_gain": gain,
         "sft": sft,
         "seconds": {"sft": t_sft, "total": total},
         "workdir": exp.workdir,
@@ -54,6 +69,13 @@ def main(argv: list[str]) -> None:
         print("[main] held-out success (sampled, temperature 1):")
         print(f"         warm start (SFT): {warm['sampled/success']:.3f}")
         print(f"         after ActFocus-GRPO: {final['final/sampled/success']:.3f}")
+    for m, g in gain.items():
+        what = "1 greedy episode" if m == "greedy" else f"{config.eval.samples_per_task} sampled"
+        ci = "" if g["lo"] is None else f", 95% CI [{g['lo']:+.3f}, {g['hi']:+.3f}]"
+        print(
+            f"[main] held-out gain, {m} ({g['n']} tasks x {what}, paired by task): "
+            f"{g['mean']:+.3f}{ci}; {g['better']} tasks better, {g['worse']} worse"
+        )
     print(f"[main] total time: {total / 60:.1f} min")
     rl = os.path.join(exp.workdir, "rl")
     print("[main] outputs:")
@@ -63,6 +85,7 @@ def main(argv: list[str]) -> None:
     print(f"         learning curves:    {os.path.join(rl, 'curves.png')}")
     print(f"         SFT policy (HF):    {exp.sft_dir}")
     print(f"         final policy (HF):  {os.path.join(rl, 'final_policy')}")
+    return result
 
 
 def _short(d: dict) -> str:

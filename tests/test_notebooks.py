@@ -162,7 +162,9 @@ def test_real_run_has_the_fake_sweep_layout(tiny_run, monkeypatch):
     # ... and so are the sampled ones: the keys of the trainer's final greedy + sampled evaluation.
     exp = Experiment(_run_config(tiny_run["root"] / "keys"))
     exp.config.eval.sampled = True
-    monkeypatch.setattr(exp, "evaluate", lambda *a, greedy=True, **k: {"success": 1.0 - greedy})
+    monkeypatch.setattr(
+        exp, "evaluate_tasks", lambda *a, greedy=True, **k: ({"success": 1.0 - greedy}, np.zeros(1))
+    )
     final = exp.evaluate_modes(None, None, prefix="final/")
     pts = R.eval_points([], {"steps": 2, "final": final})
     assert pts == {2: {"greedy/success": 0.0, "sampled/success": 1.0}}

@@ -214,6 +214,28 @@ def test_paired_gain_matches_numpy_and_flags_unpaired_runs():
     assert empty["n"] == 0 and empty["mean"] is None and empty["steps"] == [None, None, 0]
 
 
+def test_paired_task_gain_matches_numpy_and_removes_task_difficulty():
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    n, k = 64, 4
+    difficulty = rng.uniform(0.0, 1.0, n)  # per-task success probability, shared by both
+    before = rng.binomial(k, difficulty) / k
+    after = np.clip(before + rng.choice([0.0, 0.25], n, p=[0.7, 0.3]), 0.0, 1.0)
+    g = R.paired_task_gain(before.tolist(), after.tolist())
+    d = after - before
+    half = 1.9983405417 * d.std(ddof=1) / np.sqrt(n)  # t_{0.975, 63}
+    assert math.isclose(g["mean"], d.mean(), abs_tol=1e-12)
+    assert math.isclose(g["half_width"], half, rel_tol=1e-7)
+    assert math.isclose(g["after"] - g["before"], d.mean(), abs_tol=1e-12)
+    assert (g["better"], g["worse"], g["n"]) == (int((d > 0).sum()), int((d < 0).sum()), n)
+    # Pairing is the point: the unpaired standard error of the difference is several times larger.
+    unpaired = np.sqrt(before.var(ddof=1) / n + after.var(ddof=1) / n)
+    assert g["half_width"] < 0.5 * 1.9983405417 * unpaired
+    with pytest.raises(ValueError, match="same tasks"):
+        R.paired_task_gain([0.0, 1.0], [1.0])
+
+
 def test_aggregate_cli_paired_gain_over_a_control(tmp_path):
     write_fake_sweep(tmp_path / "sweep")
     write_fake_run(tmp_path / "control", (0.0, 0.0), 0.0)

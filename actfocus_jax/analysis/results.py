@@ -43,6 +43,7 @@ __all__ = [
     "mean_ci",
     "metric_curve",
     "paired_gain",
+    "paired_task_gain",
     "parse_run_name",
     "read_run",
     "read_sweep",
@@ -411,6 +412,36 @@ def paired_gain(
     out["steps"] = [common[0], common[-1], len(common)] if common else [None, None, 0]
     out["same_first_step"] = bool(both) and a[both[0]] == b[both[0]]
     out["key"] = key
+    return out
+
+
+def paired_task_gain(
+    before: Sequence[float], after: Sequence[float], confidence: float = 0.95
+) -> dict[str, Any]:
+    """Held-out gain of one policy over another, paired by task.
+
+    ``before[i]`` and ``after[i]`` are the success rates of the two policies on task ``i`` of the
+    same evaluation (same tasks, same sampling keys: ``Experiment.evaluate_tasks`` with one seed).
+    Differencing per task removes the task-difficulty variance that dominates the unpaired
+    comparison of two success rates; the t-interval is over tasks (independent draws of the
+    split's level generator).
+
+    Returns:
+      :func:`mean_ci` of ``after - before`` plus ``"before"`` / ``"after"`` (mean success rates)
+      and ``"better"`` / ``"worse"`` (tasks whose success rate went up / down).
+    """
+    b = [float(x) for x in before]
+    a = [float(x) for x in after]
+    if len(a) != len(b):
+        raise ValueError(
+            f"paired_task_gain needs the same tasks on both sides: got {len(b)} tasks before and "
+            f"{len(a)} after (evaluate both policies with the same eval.num_tasks and split)"
+        )
+    out = mean_ci([y - x for x, y in zip(b, a, strict=True)], confidence)
+    out["before"] = math.fsum(b) / len(b) if b else None
+    out["after"] = math.fsum(a) / len(a) if a else None
+    out["better"] = sum(y > x for x, y in zip(b, a, strict=True))
+    out["worse"] = sum(y < x for x, y in zip(b, a, strict=True))
     return out
 
 

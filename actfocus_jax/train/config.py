@@ -114,6 +114,14 @@ def validate(c: Any) -> None:
     _check(c.train.steps >= 0, "train.steps", c.train.steps, "must be >= 0")
     _check(c.train.save_every >= 1, "train.save_every", c.train.save_every, "must be >= 1")
     _check(c.train.keep >= 1, "train.keep", c.train.keep, "must be >= 1")
+    _check(c.eval.num_tasks >= 1, "eval.num_tasks", c.eval.num_tasks, "must be >= 1")
+    _check(c.eval.batch_size >= 1, "eval.batch_size", c.eval.batch_size, "must be >= 1")
+    _check(
+        c.eval.samples_per_task >= 1,
+        "eval.samples_per_task",
+        c.eval.samples_per_task,
+        "must be >= 1",
+    )
     _check(c.nan_policy in ("stop", "skip"), "nan_policy", c.nan_policy, 'use "stop" or "skip"')
     try:
         algo_config_from(c)

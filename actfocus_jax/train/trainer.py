@@ -50,7 +50,10 @@ from actfocus_jax.train.config import (
     validate,
 )
 
-__all__ = ["Experiment", "TrainingDivergedError", "episode_metrics"]
+__all__ = ["FINAL_PER_TASK", "Experiment", "TrainingDivergedError", "episode_metrics"]
+
+#: File in ``<workdir>/rl`` with the final policy's per-task held-out success rates.
+FINAL_PER_TASK = "final_per_task.json"
 
 
 class TrainingDivergedError(RuntimeError):
@@ -287,14 +290,48 @@ class Experiment:
         return buf
 
     def evaluate(
-        self, graphdef: Any, params: Any, *, split: str = "test", greedy: bool = True, seed: int = 0
+        self,
+        graphdef: Any,
+        params: Any,
+        *,
+        split: str = "test",
+        greedy: bool = True,
+        seed: int = 0,
+        samples_per_task: int = 1,
     ) -> dict[str, float]:
-        """Success rate, return and per-turn statistics on ``split`` (one episode per task).
+        """Success rate, return and per-turn statistics on ``split`` (see :meth:`evaluate_tasks`)."""
+        return self.evaluate_tasks(
+            graphdef,
+            params,
+            split=split,
+            greedy=greedy,
+            seed=seed,
+            samples_per_task=samples_per_task,
+        )[0]
 
-        JAX envs run fixed-shape batches of ``eval.batch_size`` episodes, rounded up to a multiple
-        of the rollout mesh's data shards (the padding repeats the last task and is dropped).
+    def evaluate_tasks(
+        self,
+        graphdef: Any,
+        params: Any,
+        *,
+        split: str = "test",
+        greedy: bool = True,
+        seed: int = 0,
+        samples_per_task: int = 1,
+    ) -> tuple[dict[str, float], np.ndarray]:
+        """Evaluation metrics on the first ``eval.num_tasks`` tasks of ``split`` and, per task, its
+        success rate over ``samples_per_task`` episodes (greedy decoding plays one).
+
+        Episodes are keyed by ``seed`` and the batch start only, so two policies evaluated with the
+        same seed see the same tasks with the same sampling keys (common random numbers): their
+        per-task difference is a paired comparison (:func:`paired_task_gain`). JAX envs run
+        fixed-shape batches of ``eval.batch_size`` tasks, rounded up to a multiple of the rollout
+        mesh's data shards (the padding repeats the last task and is dropped).
         """
         c = self.config
+        k = 1 if greedy else int(samples_per_task)
+        if k < 1:
+            raise ValueError(f"samples_per_task must be >= 1, got {samples_per_task}")
         n = min(c.eval.num_tasks, self.split_size(split))
         bs = c.eval.batch_size
         mesh = self.rollout_mesh()
@@ -307,11 +344,12 @@ class Experiment:
                 idx = np.concatenate([idx, np.full(width - len(idx), idx[-1])])  # fixed shapes
             tasks, ids = self.tasks(split, idx)
             key = jax.random.fold_in(jax.random.key(seed), start)
-            buf = self.rollout(graphdef, params, tasks, ids, key, group_size=1, greedy=greedy)
-            keep = min(bs, n - start)
+            buf = self.rollout(graphdef, params, tasks, ids, key, group_size=k, greedy=greedy)
+            keep = min(bs, n - start) * k  # episodes are task-major: task i owns rows i*k..i*k+k-1
             bufs.append(jax.tree.map(lambda x, k=keep: np.asarray(x)[:k], buf))
         merged = jax.tree.map(lambda *x: np.concatenate(x), *bufs)
-        return episode_metrics(merged)
+        per_task = np.asarray(merged.success, np.float64).reshape(n, k).mean(axis=1)
+        return episode_metrics(merged), per_task
 
     # ------------------------------------------------------------------ RL
     def _statics(self, graphdef: Any, critic_graphdef: Any) -> TrainStatics:
@@ -347,8 +385,11 @@ class Experiment:
         """RL training (see :func:`run_rl`)."""
         return run_rl(self, resume=resume)
 
-    def evaluate_checkpoint(self, which: str = "rl", *, split: str = "test") -> dict[str, Any]:
-        """Evaluates ``"rl"`` (the final RL policy), ``"sft"`` or ``"hf:<dir>"``, greedy and sampled."""
+    def evaluate_checkpoint(
+        self, which: str = "rl", *, split: str = "test", per_task_path: str | None = None
+    ) -> dict[str, Any]:
+        """Evaluates ``"rl"`` (the final RL policy), ``"sft"`` or ``"hf:<dir>"``, greedy and sampled
+        (per-task success rates to ``per_task_path``, see :meth:`evaluate_modes`)."""
         if which == "rl":
             path = os.path.join(self.workdir, "rl", "final_policy")
         elif which == "sft":
@@ -365,19 +406,40 @@ class Experiment:
         model, _ = load_pretrained(path)
         self.policy_config = model.config
         graphdef, params = nnx.split(model)
-        return self.evaluate_modes(graphdef, params, split=split)
+        return self.evaluate_modes(graphdef, params, split=split, per_task_path=per_task_path)
 
     def evaluate_modes(
-        self, graphdef: Any, params: Any, *, split: str = "test", prefix: str = ""
+        self,
+        graphdef: Any,
+        params: Any,
+        *,
+        split: str = "test",
+        prefix: str = "",
+        per_task_path: str | None = None,
     ) -> dict[str, float]:
         """:meth:`evaluate` greedy (keys ``{prefix}greedy/...``) and, if ``config.eval.sampled``,
-        with sampling (``{prefix}sampled/...``)."""
-        out = _prefixed(
-            f"{prefix}greedy/", self.evaluate(graphdef, params, split=split, greedy=True)
-        )
+        with sampling, ``eval.samples_per_task`` episodes per task (``{prefix}sampled/...``).
+
+        With ``per_task_path`` the per-task success rates (``{"greedy": [...], "sampled": [...]}``)
+        are written there as JSON, for paired comparisons of two policies
+        (:func:`paired_task_gain`).
+        """
+        metrics, greedy = self.evaluate_tasks(graphdef, params, split=split, greedy=True)
+        out = _prefixed(f"{prefix}greedy/", metrics)
+        per_task = {"greedy": greedy.tolist()}
         if self.config.eval.sampled:
-            sampled = self.evaluate(graphdef, params, split=split, greedy=False)
-            out.update(_prefixed(f"{prefix}sampled/", sampled))
+            metrics, sampled = self.evaluate_tasks(
+                graphdef,
+                params,
+                split=split,
+                greedy=False,
+                samples_per_task=int(self.config.eval.samples_per_task),
+            )
+            out.update(_prefixed(f"{prefix}sampled/", metrics))
+            per_task["sampled"] = sampled.tolist()
+        if per_task_path is not None:
+            with open(per_task_path, "w") as f:
+                json.dump({"split": split, **per_task}, f)
         return out
 
     def step_tasks(self, position: dict[str, int]) -> tuple[Any, np.ndarray, dict[str, int]]:
@@ -548,7 +610,12 @@ def run_rl(exp: Experiment, *, resume: bool = False) -> dict[str, Any]:
     save_pretrained(
         nnx.merge(graphdef, state.params), exp.tokenizer, os.path.join(rl_dir, "final_policy")
     )
-    final = exp.evaluate_modes(graphdef, state.params, prefix="final/")
+    final = exp.evaluate_modes(
+        graphdef,
+        state.params,
+        prefix="final/",
+        per_task_path=os.path.join(rl_dir, FINAL_PER_TASK),
+    )
     summary = {"final": final, "steps": c.train.steps, "workdir": rl_dir}
     with open(os.path.join(rl_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2, sort_keys=True)

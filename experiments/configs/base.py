@@ -135,6 +135,7 @@ def get_base_config(env: str = "sokoban", model: str = "tiny") -> ml_collections
     c.eval.num_tasks = 128
     c.eval.batch_size = 64
     c.eval.sampled = True  # also evaluate with sampling (temperature above), besides greedy
+    c.eval.samples_per_task = 1  # sampled episodes per task (their mean is the task's success)
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1
