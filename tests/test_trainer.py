@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
+from flax import nnx
 from safetensors.numpy import load_file
 
 from actfocus_jax.models import save_pretrained
@@ -226,11 +227,8 @@ def test_main_job_reports_the_held_out_gain_paired_by_task(tmp_path):
         assert g["n"] == 3 and np.isclose(g["mean"], diff.mean())
     # The same policy evaluated twice with the same seed plays the same episodes (paired keys).
     exp = Experiment(c)
-    policy = exp.init_policy()
-    from flax import nnx
-
-    graphdef, params = nnx.split(policy)
-    m1, r1 = exp.evaluate_tasks(graphdef, params, greedy=False, samples_per_task=3)
-    m2, r2 = exp.evaluate_tasks(graphdef, params, greedy=False, samples_per_task=3)
+    graphdef, params = nnx.split(exp.init_policy())
+    _, r1 = exp.evaluate_tasks(graphdef, params, greedy=False, samples_per_task=3)
+    _, r2 = exp.evaluate_tasks(graphdef, params, greedy=False, samples_per_task=3)
     np.testing.assert_array_equal(r1, r2)
     np.testing.assert_allclose(r1, before["sampled"])  # the SFT policy, as in the main job
