@@ -375,6 +375,38 @@ def test_batches_shapes_padding_and_position(built):
     assert positions == [(0, 3), (0, 6), (1, 3), (1, 6), (2, 3)]
 
 
+def test_pad_multiple_trims_padding_columns_and_keeps_the_sft_loss(built):
+    from flax import nnx
+
+    from actfocus_jax.data.demos import batch_width
+    from actfocus_jax.models import ModelConfig, init_model
+    from actfocus_jax.train.sft import sft_loss
+
+    _, _, builder = built
+    fixed = SftBatches(builder, 3, 512, seed=1, end_epoch=1)
+    trimmed = SftBatches(builder, 3, 512, seed=1, end_epoch=1, pad_multiple=16)
+    cfg = ModelConfig(
+        vocab_size=2048, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, mlp_dim=64
+    )
+    graphdef, params = nnx.split(init_model(cfg, 0))
+    for a, b in zip(fixed, trimmed, strict=True):
+        longest = int(a["valid"].sum(1).max())
+        w = b["tokens"].shape[1]
+        assert w % 16 == 0 and longest <= w < longest + 16 and w == batch_width([longest], 512, 16)
+        for k in ("tokens", "valid", "loss_mask", "roles", "turn_ids"):
+            np.testing.assert_array_equal(b[k], a[k][:, :w])
+            assert not a["valid"][:, w:].any()
+        np.testing.assert_array_equal(a["task_id"], b["task_id"])
+        full = sft_loss(graphdef, params, {k: jnp.asarray(v) for k, v in a.items()})
+        part = sft_loss(graphdef, params, {k: jnp.asarray(v) for k, v in b.items()})
+        np.testing.assert_allclose(part[0], full[0], rtol=1e-5)
+        np.testing.assert_allclose(part[1]["accuracy"], full[1]["accuracy"], rtol=1e-6)
+    assert batch_width([300], 256, 64) == 256  # capped at max_len (the demo is then truncated)
+    assert batch_width([], 256, 64) == 64 and batch_width([5], 256, 0) == 256
+    with pytest.raises(ValueError, match="pad_multiple"):
+        SftBatches(builder, 3, 512, pad_multiple=-1)
+
+
 def test_truncation_is_counted_and_warned(built):
     _, _, builder = built
     it = SftBatches(builder, 4, 64, seed=0, end_epoch=1)

@@ -543,19 +543,40 @@ def build_demos(
 # ----------------------------------------------------------------------------------------------
 
 
+def batch_width(lengths: Sequence[int], max_len: int, pad_multiple: int = 0) -> int:
+    """Columns of a batch of demos of ``lengths``: ``max_len`` when ``pad_multiple`` is 0, else the
+    longest demo rounded up to a multiple of ``pad_multiple``, at most ``max_len`` (at least one
+    multiple, so that an all-padding batch keeps a compiled shape)."""
+    if pad_multiple < 0:
+        raise ValueError(f"pad_multiple must be >= 0, got {pad_multiple}")
+    if pad_multiple == 0:
+        return int(max_len)
+    longest = max((int(n) for n in lengths), default=0)
+    return int(min(max_len, max(-(-longest // pad_multiple), 1) * pad_multiple))
+
+
 def make_sft_batch(
-    records: Sequence[Mapping[str, Any]], batch_size: int, max_len: int, pad_id: int
+    records: Sequence[Mapping[str, Any]],
+    batch_size: int,
+    max_len: int,
+    pad_id: int,
+    *,
+    pad_multiple: int = 0,
 ) -> tuple[dict[str, np.ndarray], int]:
     """Pads ``records`` (at most ``batch_size``) into a batch; returns ``(batch, num_truncated)``.
 
-    Batch (rows beyond ``len(records)`` are all padding): ``tokens`` int32[B, max_len] right-padded
+    Batch (rows beyond ``len(records)`` are all padding): ``tokens`` int32[B, W] right-padded
     with ``pad_id``, ``valid`` bool, ``loss_mask`` bool (generated & valid), ``roles`` int8 (PAD on
     padding), ``turn_ids`` int32 (-1 on padding), ``task_id`` int32[B] (-1 for padding rows).
+    ``W`` is :func:`batch_width`: ``max_len``, or with ``pad_multiple`` the longest record rounded
+    up to a multiple of it (fewer padded columns to train on, a few distinct shapes to compile).
     Demos longer than ``max_len`` are cut to ``max_len`` and counted.
     """
     if len(records) > batch_size:
         raise ValueError(f"{len(records)} records for batch_size={batch_size}")
     from actfocus_jax.rollout.roles import Role
+
+    max_len = batch_width([len(r["tokens"]) for r in records], max_len, pad_multiple)
 
     tokens = np.full((batch_size, max_len), pad_id, np.int32)
     valid = np.zeros((batch_size, max_len), bool)
@@ -605,6 +626,8 @@ class SftBatches:
       shuffle: permute each epoch (False: dataset order).
       drop_remainder: drop an epoch's last partial batch.
       pad_id: padding id (default: the builder's metadata, i.e. the embedded tokenizer's).
+      pad_multiple: 0 pads every batch to ``max_len``; else to its longest demo rounded up to a
+        multiple of this (:func:`batch_width`).
     """
 
     def __init__(
@@ -621,6 +644,7 @@ class SftBatches:
         shuffle: bool = True,
         drop_remainder: bool = False,
         pad_id: int | None = None,
+        pad_multiple: int = 0,
     ):
         if batch_size < 1 or max_len < 1:
             raise ValueError(f"batch_size and max_len must be >= 1, got {batch_size}, {max_len}")
@@ -635,6 +659,9 @@ class SftBatches:
         self.batch_size, self.max_len, self.seed = int(batch_size), int(max_len), int(seed)
         self.end_epoch, self.shuffle, self.drop_remainder = end_epoch, shuffle, drop_remainder
         self.pad_id = int(pad_id)
+        if pad_multiple < 0:
+            raise ValueError(f"pad_multiple must be >= 0, got {pad_multiple}")
+        self.pad_multiple = int(pad_multiple)
         self.epoch, self.index = int(epoch), int(index)
         self.num_truncated = 0
         self._order_epoch: int | None = None
@@ -675,7 +702,11 @@ class SftBatches:
             raise StopIteration
         rows = self.order(self.epoch)[self.index : self.index + self.batch_size]
         batch, truncated = make_sft_batch(
-            [self.source[int(i)] for i in rows], self.batch_size, self.max_len, self.pad_id
+            [self.source[int(i)] for i in rows],
+            self.batch_size,
+            self.max_len,
+            self.pad_id,
+            pad_multiple=self.pad_multiple,
         )
         self.index += len(rows)
         if truncated:
@@ -701,6 +732,7 @@ def load_sft_batches(
     split: str = "train",
     shuffle: bool = True,
     drop_remainder: bool = False,
+    pad_multiple: int = 0,
 ) -> SftBatches:
     """Padded batches from position ``(epoch, index)`` (see :class:`SftBatches`).
 
@@ -718,4 +750,5 @@ def load_sft_batches(
         end_epoch=None if num_epochs is None else epoch + int(num_epochs),
         shuffle=shuffle,
         drop_remainder=drop_remainder,
+        pad_multiple=pad_multiple,
     )

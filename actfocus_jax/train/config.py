@@ -58,6 +58,12 @@ def validate(c: Any) -> None:
         )
     _check(c.sft.steps >= 0, "sft.steps", c.sft.steps, "must be >= 0")
     _check(c.sft.batch_size >= 1, "sft.batch_size", c.sft.batch_size, "must be >= 1")
+    _check(
+        c.sft.pad_multiple >= 0,
+        "sft.pad_multiple",
+        c.sft.pad_multiple,
+        "must be >= 0 (0: pad every batch to sft.max_len)",
+    )
     _check(0.0 <= c.sft.epsilon <= 1.0, "sft.epsilon", c.sft.epsilon, "must be in [0, 1]")
     _check(
         c.sft.reasoning in ("plan", "state"),

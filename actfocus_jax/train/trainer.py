@@ -677,7 +677,12 @@ def run_sft(exp: Experiment) -> dict[str, Any]:
     optimizer = make_optimizer(schedule, max_grad_norm=c.optim.max_grad_norm)
     opt_state = optimizer.init(params)
     batches = load_sft_batches(
-        builder, c.sft.batch_size, c.sft.max_len, seed=c.seed, drop_remainder=True
+        builder,
+        c.sft.batch_size,
+        c.sft.max_len,
+        seed=c.seed,
+        drop_remainder=True,
+        pad_multiple=c.sft.pad_multiple,
     )
     log_dir = os.path.join(exp.workdir, "sft_logs")
     logger = MetricsLogger(

@@ -60,6 +60,9 @@ def get_base_config(env: str = "sokoban", model: str = "tiny") -> ml_collections
     c.sft.learning_rate = 1e-3
     c.sft.warmup_steps = 20
     c.sft.max_len = 512
+    # 0: every batch padded to max_len (one compiled shape); k > 0: to the batch's longest demo
+    # rounded up to a multiple of k (fewer padded columns, a few shapes to compile).
+    c.sft.pad_multiple = 0
     c.sft.num_tasks = 256
     c.sft.demos_per_task = 2
     c.sft.epsilon = 0.15
