@@ -58,6 +58,13 @@ Suites:
     reference shape (4 layers, 32 x 512) and at a 16-layer model of the same width (8 x 256), where
     unrolling's compile cost shows.
 
+``sft``
+    SFT steps of the tiny model on the main job's demonstrations (Sokoban, state-style, batch 16,
+    ``max_len`` 320), every batch padded to ``max_len`` vs to its longest demo rounded up to a
+    multiple of 64 / 32 (``--config.sft.pad_multiple``): the same batches in the same order, one
+    pass per repetition (interleaved), after a warm-up pass that compiles every width. Reports
+    ms per step, padded columns per batch, the share of real tokens and the paired speed-up.
+
 ``large`` (not in the default set; meant for a GPU or TPU)
     The Qwen2.5-0.5B shape with random weights in bfloat16: train-step tokens/s and MFU against a
     bfloat16 ``8192^3`` matmul timed interleaved (B x L = 8 x 1024, 16 x 1024, 8 x 2048), the same
@@ -88,7 +95,13 @@ import numpy as np
 from flax import nnx
 
 from actfocus_jax import envs
-from actfocus_jax.models import CausalLM, ModelConfig, get_config, value_model_from_policy
+from actfocus_jax.models import (
+    CausalLM,
+    ModelConfig,
+    get_config,
+    init_model,
+    value_model_from_policy,
+)
 from actfocus_jax.rl.actfocus import ActFocusConfig
 from actfocus_jax.rl.train_step import (
     AlgoConfig,
@@ -107,9 +120,9 @@ from actfocus_jax.rollout.engine import (
     transformer_policy,
 )
 
-SUITES = ("actfocus", "train", "rollout", "unroll", "large")
+SUITES = ("actfocus", "train", "rollout", "unroll", "sft", "large")
 #: suites run when --suite is not given ("large" is meant for a GPU / TPU).
-DEFAULT_SUITES = ("actfocus", "train", "rollout", "unroll")
+DEFAULT_SUITES = ("actfocus", "train", "rollout", "unroll", "sft")
 
 
 # ----------------------------------------------------------------------------------------- shapes
@@ -510,6 +523,112 @@ def suite_unroll(quick: bool, reps: int | None) -> dict:
         rows,
     )
     return {"results": results}
+
+
+def suite_sft(quick: bool, reps: int | None) -> dict:
+    """SFT step time with every batch padded to ``max_len`` vs to the batch's longest demo rounded
+    up to ``pad_multiple`` (see the module docstring)."""
+    import tempfile
+
+    import optax
+
+    from actfocus_jax.data.demos import SftBatches, build_demos
+    from actfocus_jax.train.config import env_options_from
+    from actfocus_jax.train.sft import sft_step
+    from experiments.configs.main import get_config as main_config
+
+    reps = reps or (2 if quick else 3)
+    c = main_config()
+    steps = 6 if quick else 30
+    with tempfile.TemporaryDirectory() as data_dir:
+        builder = build_demos(
+            data_dir,
+            c.env.name,
+            num_tasks=64 if quick else c.sft.num_tasks,
+            demos_per_task=c.sft.demos_per_task,
+            epsilon=c.sft.epsilon,
+            seed=c.data.seed,
+            env_options=env_options_from(c),
+            task_num_train=c.data.num_train,
+            task_num_test=c.data.num_test,
+            task_seed=c.data.seed,
+            prompt=c.rollout.prompt,
+            reasoning=c.sft.reasoning,
+        )
+        batches = {}
+        for label, multiple in (("max_len", 0), ("multiple of 64", 64), ("multiple of 32", 32)):
+            it = SftBatches(
+                builder, c.sft.batch_size, c.sft.max_len, seed=0, drop_remainder=True,
+                pad_multiple=multiple,
+            )  # fmt: skip
+            batches[label] = [
+                {k: jnp.asarray(v) for k, v in next(it).items()} for _ in range(steps)
+            ]
+    model = init_model(get_config("tiny"), 0)
+    graphdef, params0 = nnx.split(model)
+    optimizer = optax.adamw(1e-4)
+
+    def runner(bs):
+        def run():
+            params = jax.tree.map(jnp.copy, params0)
+            opt_state = optimizer.init(params)
+            for b in bs:
+                params, opt_state, m = sft_step(
+                    params, opt_state, b, graphdef=graphdef, optimizer=optimizer
+                )
+            return m.loss
+
+        return run
+
+    fns = {k: runner(v) for k, v in batches.items()}
+    warm = {}
+    for k, fn in fns.items():  # compiles every width
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        warm[k] = time.perf_counter() - t0
+    times, _ = interleaved(fns, reps)
+    base = "max_len"
+    res, rows = {}, []
+    for k, bs in batches.items():
+        widths = [int(b["tokens"].shape[1]) for b in bs]
+        real = float(np.mean([float(b["valid"].sum()) / b["valid"].size for b in bs]))
+        ms = statistics.median(times[k]) / steps * 1e3
+        speed = paired_ratio(times[base], times[k])
+        res[k] = dict(
+            ms_per_step=ms,
+            times_s=times[k],
+            widths=sorted(set(widths)),
+            mean_width=float(np.mean(widths)),
+            real_token_share=real,
+            speedup_paired=speed,
+            warmup_pass_s=warm[k],
+        )
+        rows.append(
+            [
+                k,
+                f"{np.mean(widths):.0f}",
+                ",".join(str(w) for w in sorted(set(widths))),
+                f"{real:.2f}",
+                f"{ms:.0f}",
+                f"{speed:.3f}",
+                f"{warm[k]:.1f}",
+            ]
+        )
+    print_table(
+        f"sft: {steps} SFT steps (batch {c.sft.batch_size}, max_len {c.sft.max_len}, main-job "
+        f"demos), padding to max_len vs to the batch's longest demo, median of {reps} passes",
+        [
+            "pad to",
+            "mean width",
+            "widths",
+            "real token share",
+            "ms/step",
+            "speed-up vs max_len (paired)",
+            "warm-up pass s (incl. compiles)",
+        ],
+        rows,
+    )
+    return {"steps": steps, "batch_size": c.sft.batch_size, "max_len": c.sft.max_len, **res}
 
 
 def large_config(quick: bool) -> ModelConfig:
@@ -945,6 +1064,7 @@ def main(argv: list[str] | None = None) -> int:
         "train": suite_train,
         "rollout": suite_rollout,
         "unroll": suite_unroll,
+        "sft": suite_sft,
         "large": suite_large,
     }
     t_all = time.perf_counter()

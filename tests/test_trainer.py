@@ -210,7 +210,8 @@ def test_main_job_reports_the_held_out_gain_paired_by_task(tmp_path):
     result = run_main(c)
     with open(os.path.join(c.workdir, "main_result.json")) as f:
         assert json.load(f)["held_out_gain"] == json.loads(json.dumps(result["held_out_gain"]))
-    with open(os.path.join(c.workdir, "warm_start_per_task.json")) as f:
+    warm_path = os.path.join(c.workdir, "warm_start_per_task.json")
+    with open(warm_path) as f:
         before = json.load(f)
     with open(os.path.join(c.workdir, "rl", "final_per_task.json")) as f:
         after = json.load(f)
@@ -232,3 +233,8 @@ def test_main_job_reports_the_held_out_gain_paired_by_task(tmp_path):
     _, r2 = exp.evaluate_tasks(graphdef, params, greedy=False, samples_per_task=3)
     np.testing.assert_array_equal(r1, r2)
     np.testing.assert_allclose(r1, before["sampled"])  # the SFT policy, as in the main job
+    # experiments.evaluate --baseline: the final policy against the warm start's per-task file.
+    out = exp.evaluate_checkpoint("rl", baseline_path=warm_path)
+    for mode in ("greedy", "sampled"):
+        assert np.isclose(out[f"gain/{mode}/success"], result["held_out_gain"][mode]["mean"])
+        assert out[f"gain/{mode}/success_lo"] <= out[f"gain/{mode}/success"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from typing import Any
 
@@ -386,10 +387,20 @@ class Experiment:
         return run_rl(self, resume=resume)
 
     def evaluate_checkpoint(
-        self, which: str = "rl", *, split: str = "test", per_task_path: str | None = None
+        self,
+        which: str = "rl",
+        *,
+        split: str = "test",
+        per_task_path: str | None = None,
+        baseline_path: str | None = None,
     ) -> dict[str, Any]:
         """Evaluates ``"rl"`` (the final RL policy), ``"sft"`` or ``"hf:<dir>"``, greedy and sampled
-        (per-task success rates to ``per_task_path``, see :meth:`evaluate_modes`)."""
+        (per-task success rates to ``per_task_path``, see :meth:`evaluate_modes`).
+
+        With ``baseline_path`` (another policy's per-task file from the same config and seed) the
+        result also holds the gain over it paired by task, ``gain/<mode>/success`` with its 95%
+        t-interval ``gain/<mode>/success_lo`` / ``_hi`` (:func:`paired_task_gain`).
+        """
         if which == "rl":
             path = os.path.join(self.workdir, "rl", "final_policy")
         elif which == "sft":
@@ -403,10 +414,34 @@ class Experiment:
                 f"no policy at {path}; train it first (experiments.sft / experiments.train) or "
                 "pass --checkpoint=hf:<dir>"
             )
+        before = None
+        if baseline_path is not None:
+            if not os.path.isfile(baseline_path):
+                raise FileNotFoundError(
+                    f"no per-task baseline at {baseline_path}; write one with "
+                    "experiments.evaluate --per_task_out (the main job writes "
+                    "<workdir>/warm_start_per_task.json)"
+                )
+            with open(baseline_path) as f:
+                before = json.load(f)
         model, _ = load_pretrained(path)
         self.policy_config = model.config
         graphdef, params = nnx.split(model)
-        return self.evaluate_modes(graphdef, params, split=split, per_task_path=per_task_path)
+        with tempfile.TemporaryDirectory() as tmp:
+            out_path = per_task_path or os.path.join(tmp, "per_task.json")
+            results = self.evaluate_modes(graphdef, params, split=split, per_task_path=out_path)
+            with open(out_path) as f:
+                after = json.load(f)
+        if before is not None:
+            from actfocus_jax.analysis.results import paired_task_gain
+
+            for mode in ("greedy", "sampled"):
+                if mode in before and mode in after:
+                    g = paired_task_gain(before[mode], after[mode])
+                    results[f"gain/{mode}/success"] = g["mean"]
+                    results[f"gain/{mode}/success_lo"] = g["lo"]
+                    results[f"gain/{mode}/success_hi"] = g["hi"]
+        return results
 
     def evaluate_modes(
         self,
