@@ -3,7 +3,7 @@ over seeds.
 
     python -m experiments.aggregate --sweep_dir=runs/sweep [--metrics=greedy/success,sampled/success]
         [--confidence=0.95] [--include_incomplete] [--out_dir=<dir, default: the sweep directory>]
-        [--control=<run dir> [--gain_steps=11,40]]
+        [--control=<run dir> [--gain_steps=11,40]] [--baseline_per_task=<per-task JSON>]
 
 Reads every run of a directory made by ``experiments/sweep.py`` (``<run>/rl/metrics.jsonl`` and
 ``<run>/rl/summary.json``), groups the runs by variant (the run name without ``seed=...``), and
@@ -16,9 +16,17 @@ table is also printed. Runs without ``rl/summary.json`` (running or failed) are 
 rollout success over that control (mean over steps and t-interval,
 :func:`actfocus_jax.analysis.results.paired_gain`), printed and written to ``aggregate.json`` under
 ``"paired_gain"``.
+
+``--baseline_per_task``: per-task held-out success rates of a baseline policy (the warm start:
+``experiments.evaluate --checkpoint=hf:<sft dir> --per_task_out=...`` with the runs' eval config, or
+the main job's ``warm_start_per_task.json``); every run's final policy (``rl/final_per_task.json``)
+then gets its held-out gain paired by task, and every variant the mean and t-interval of those
+gains over seeds (:func:`actfocus_jax.analysis.results.held_out_gains`), under ``"held_out_gain"``.
 """
 
 from __future__ import annotations
+
+import json
 
 from absl import app, flags
 
@@ -37,12 +45,16 @@ CONTROL = flags.DEFINE_string(
     "control", None, "Run directory of a non-learning control (same seed) for paired gains."
 )
 GAIN_STEPS = flags.DEFINE_list("gain_steps", None, "FIRST,LAST steps of the paired gain.")
+BASELINE = flags.DEFINE_string(
+    "baseline_per_task", None, "Per-task JSON of a baseline policy: held-out gains paired by task."
+)
 
 
 def main(argv: list[str]) -> None:
     del argv
     from actfocus_jax.analysis.results import (
         aggregate_sweep,
+        held_out_gains,
         paired_gain,
         read_run,
         read_sweep,
@@ -77,6 +89,23 @@ def main(argv: list[str]) -> None:
             warn = "" if g["same_first_step"] else "  (first steps differ: not paired?)"
             print(f"  {r['name']}: {mean}{ci} over steps {g['steps'][0]}-{g['steps'][1]}{warn}")
         agg["paired_gain"] = {"control": CONTROL.value, "runs": gains}
+    if BASELINE.value:
+        with open(BASELINE.value) as f:
+            baseline = json.load(f)
+        hg = held_out_gains(read_sweep(SWEEP_DIR.value), baseline, confidence=CONFIDENCE.value)
+        print(f"\nheld-out gain over {BASELINE.value}, paired by task")
+        for name, gains in hg["runs"].items():
+            cells = [
+                f"{m} {g['mean']:+.3f} [{g['lo']:+.3f}, {g['hi']:+.3f}]" for m, g in gains.items()
+            ]
+            print(f"  {name}: " + ", ".join(cells))
+        for v, gains in hg["variants"].items():
+            cells = []
+            for m, ci in gains.items():
+                hw = "" if ci["half_width"] is None else f" +- {ci['half_width']:.3f}"
+                cells.append(f"{m} {ci['mean']:+.3f}{hw}")
+            print(f"  {v} (n={next(iter(gains.values()))['n']} seeds): " + ", ".join(cells))
+        agg["held_out_gain"] = {"baseline": BASELINE.value, **hg}
     paths = write_aggregate(agg, OUT_DIR.value or SWEEP_DIR.value)
     print(f"[aggregate] wrote {paths['json']} and {paths['markdown']}")
 

@@ -247,3 +247,39 @@ def test_aggregate_cli_paired_gain_over_a_control(tmp_path):
     gains = agg["paired_gain"]["runs"]
     assert len(gains) == 4  # the fake runs all log rollout/success = 0.1 * step, as the control
     assert all(g["mean"] == 0.0 and g["steps"] == [2, 4, 3] for g in gains.values())
+
+
+def test_held_out_gains_per_run_and_over_seeds(tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(2)
+    base = {"greedy": rng.integers(0, 2, 40).astype(float).tolist(), "sampled": [0.5] * 40}
+    names = write_fake_sweep(tmp_path / "sweep")
+    truth = {}
+    for i, name in enumerate(names):
+        after = {
+            "greedy": np.clip(np.asarray(base["greedy"]) + (rng.random(40) < 0.1 * i), 0, 1),
+            "sampled": np.asarray(base["sampled"]) + 0.01 * i,
+        }
+        (tmp_path / "sweep" / name / "rl" / "final_per_task.json").write_text(
+            json.dumps({k: v.tolist() for k, v in after.items()})
+        )
+        truth[name] = {m: float(np.mean(after[m] - np.asarray(base[m]))) for m in after}
+    runs = R.read_sweep(tmp_path / "sweep")
+    hg = R.held_out_gains(runs, base)
+    for name, gains in hg["runs"].items():
+        for m, g in gains.items():
+            assert math.isclose(g["mean"], truth[name][m], abs_tol=1e-12)
+    for variant, gains in hg["variants"].items():
+        seeds = [truth[r["name"]] for r in runs if r["variant"] == variant]
+        for m, ci in gains.items():
+            xs = np.asarray([t[m] for t in seeds])
+            assert ci["n"] == len(xs) and math.isclose(ci["mean"], xs.mean(), abs_tol=1e-12)
+    # The CLI writes the same numbers.
+    (tmp_path / "base.json").write_text(json.dumps(base))
+    out = run_aggregate(
+        f"--sweep_dir={tmp_path / 'sweep'}", f"--baseline_per_task={tmp_path / 'base.json'}"
+    )
+    assert "paired by task" in out.stdout
+    agg = json.loads((tmp_path / "sweep" / "aggregate.json").read_text())["held_out_gain"]
+    assert agg["variants"] == json.loads(json.dumps(hg["variants"]))

@@ -39,6 +39,7 @@ __all__ = [
     "aggregate",
     "aggregate_sweep",
     "eval_points",
+    "held_out_gains",
     "markdown_table",
     "mean_ci",
     "metric_curve",
@@ -229,7 +230,8 @@ def read_run(run_dir: str | os.PathLike, name: str | None = None) -> dict[str, A
     """One run directory as a plain dict.
 
     Returns ``{"name", "variant", "seed", "dir", "complete" (rl/summary.json exists), "steps"
-    (last logged step), "evals" (:func:`eval_points`), "records" (metrics.jsonl)}``.
+    (last logged step), "evals" (:func:`eval_points`), "records" (metrics.jsonl), "per_task"
+    (the final policy's per-task held-out success rates, ``rl/final_per_task.json``, or None)}``.
     """
     run_dir = os.fspath(run_dir)
     name = name or os.path.basename(os.path.normpath(run_dir))
@@ -248,6 +250,7 @@ def read_run(run_dir: str | os.PathLike, name: str | None = None) -> dict[str, A
         "steps": max(steps) if steps else (summary or {}).get("steps"),
         "evals": eval_points(records, summary, main.get("warm_start")),
         "records": records,
+        "per_task": _read_json(os.path.join(rl, "final_per_task.json")),
     }
 
 
@@ -443,6 +446,44 @@ def paired_task_gain(
     out["better"] = sum(y > x for x, y in zip(b, a, strict=True))
     out["worse"] = sum(y < x for x, y in zip(b, a, strict=True))
     return out
+
+
+def held_out_gains(
+    runs: Sequence[Mapping[str, Any]],
+    baseline: Mapping[str, Sequence[float]],
+    *,
+    modes: Sequence[str] = ("greedy", "sampled"),
+    confidence: float = 0.95,
+) -> dict[str, Any]:
+    """Held-out gain of every run's final policy over a baseline policy (e.g. the warm start),
+    paired by task, and per variant the mean and t-interval of those gains over seeds.
+
+    Args:
+      runs: :func:`read_run` dicts; runs without ``per_task`` are skipped.
+      baseline: per-task success rates of the baseline (``{"greedy": [...], "sampled": [...]}``,
+        as written by ``experiments.evaluate --per_task_out`` or the main job's
+        ``warm_start_per_task.json``), evaluated with the same config (tasks, seed, batch size).
+
+    Returns:
+      ``{"runs": {name: {mode: paired_task_gain}}, "variants": {variant: {mode: mean_ci of the
+      runs' mean gains (n = seeds)}}}``.
+    """
+    per_run: dict[str, dict[str, Any]] = {}
+    by_variant: dict[str, dict[str, list[float]]] = {}
+    for r in runs:
+        pt = r.get("per_task")
+        if not pt:
+            continue
+        gains = {m: paired_task_gain(baseline[m], pt[m], confidence) for m in modes if m in pt}
+        per_run[r["name"]] = gains
+        slot = by_variant.setdefault(r["variant"], {})
+        for m, g in gains.items():
+            slot.setdefault(m, []).append(g["mean"])
+    variants = {
+        v: {m: mean_ci(xs, confidence) for m, xs in sorted(d.items())}
+        for v, d in sorted(by_variant.items())
+    }
+    return {"runs": per_run, "variants": variants}
 
 
 def aggregate_sweep(
