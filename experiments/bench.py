@@ -532,29 +532,16 @@ def suite_sft(quick: bool, reps: int | None) -> dict:
 
     import optax
 
-    from actfocus_jax.data.demos import SftBatches, build_demos
-    from actfocus_jax.train.config import env_options_from
+    from actfocus_jax.data.demos import SftBatches
     from actfocus_jax.train.sft import sft_step
+    from actfocus_jax.train.trainer import build_sft_demos
     from experiments.configs.main import get_config as main_config
 
     reps = reps or (2 if quick else 3)
     c = main_config()
     steps = 6 if quick else 30
     with tempfile.TemporaryDirectory() as data_dir:
-        builder = build_demos(
-            data_dir,
-            c.env.name,
-            num_tasks=64 if quick else c.sft.num_tasks,
-            demos_per_task=c.sft.demos_per_task,
-            epsilon=c.sft.epsilon,
-            seed=c.data.seed,
-            env_options=env_options_from(c),
-            task_num_train=c.data.num_train,
-            task_num_test=c.data.num_test,
-            task_seed=c.data.seed,
-            prompt=c.rollout.prompt,
-            reasoning=c.sft.reasoning,
-        )
+        builder = build_sft_demos(c, data_dir, num_tasks=64 if quick else None)
         batches = {}
         for label, multiple in (("max_len", 0), ("multiple of 64", 64), ("multiple of 32", 32)):
             it = SftBatches(

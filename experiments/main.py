@@ -31,7 +31,7 @@ def main(argv: list[str]) -> None:
 def run_main(config, workdir: str | None = None) -> dict:
     """Task sets -> SFT -> held-out evaluation -> ActFocus-GRPO -> held-out evaluation; returns
     (and writes to ``<workdir>/main_result.json``) both evaluations and their paired gain."""
-    from actfocus_jax.analysis.results import paired_task_gain
+    from actfocus_jax.analysis.results import mode_gains
     from actfocus_jax.train.trainer import FINAL_PER_TASK, Experiment
 
     t0 = time.perf_counter()
@@ -50,7 +50,7 @@ def run_main(config, workdir: str | None = None) -> dict:
         before = json.load(f)
     with open(os.path.join(exp.workdir, "rl", FINAL_PER_TASK)) as f:
         after = json.load(f)
-    gain = {m: paired_task_gain(before[m], after[m]) for m in ("greedy", "sampled") if m in before}
+    gain = mode_gains(before, after)
     result = {
         "warm_start": warm,
         "final": final,

@@ -43,6 +43,7 @@ __all__ = [
     "markdown_table",
     "mean_ci",
     "metric_curve",
+    "mode_gains",
     "paired_gain",
     "paired_task_gain",
     "parse_run_name",
@@ -448,6 +449,21 @@ def paired_task_gain(
     return out
 
 
+def mode_gains(
+    before: Mapping[str, Sequence[float]],
+    after: Mapping[str, Sequence[float]],
+    modes: Sequence[str] = ("greedy", "sampled"),
+    confidence: float = 0.95,
+) -> dict[str, dict[str, Any]]:
+    """:func:`paired_task_gain` per evaluation mode present in both per-task dicts
+    (``{"greedy": [...], "sampled": [...]}``, as ``Experiment.evaluate_modes`` writes them)."""
+    return {
+        m: paired_task_gain(before[m], after[m], confidence)
+        for m in modes
+        if m in before and m in after
+    }
+
+
 def held_out_gains(
     runs: Sequence[Mapping[str, Any]],
     baseline: Mapping[str, Sequence[float]],
@@ -474,7 +490,7 @@ def held_out_gains(
         pt = r.get("per_task")
         if not pt:
             continue
-        gains = {m: paired_task_gain(baseline[m], pt[m], confidence) for m in modes if m in pt}
+        gains = mode_gains(baseline, pt, modes, confidence)
         per_run[r["name"]] = gains
         slot = by_variant.setdefault(r["variant"], {})
         for m, g in gains.items():

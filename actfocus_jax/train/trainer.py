@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from typing import Any
 
@@ -290,25 +289,10 @@ class Experiment:
             check_buffer(buf)
         return buf
 
-    def evaluate(
-        self,
-        graphdef: Any,
-        params: Any,
-        *,
-        split: str = "test",
-        greedy: bool = True,
-        seed: int = 0,
-        samples_per_task: int = 1,
-    ) -> dict[str, float]:
-        """Success rate, return and per-turn statistics on ``split`` (see :meth:`evaluate_tasks`)."""
-        return self.evaluate_tasks(
-            graphdef,
-            params,
-            split=split,
-            greedy=greedy,
-            seed=seed,
-            samples_per_task=samples_per_task,
-        )[0]
+    def evaluate(self, graphdef: Any, params: Any, **kwargs: Any) -> dict[str, float]:
+        """Success rate, return and per-turn statistics (:meth:`evaluate_tasks` without the
+        per-task rates; same keyword arguments)."""
+        return self.evaluate_tasks(graphdef, params, **kwargs)[0]
 
     def evaluate_tasks(
         self,
@@ -427,20 +411,16 @@ class Experiment:
         model, _ = load_pretrained(path)
         self.policy_config = model.config
         graphdef, params = nnx.split(model)
-        with tempfile.TemporaryDirectory() as tmp:
-            out_path = per_task_path or os.path.join(tmp, "per_task.json")
-            results = self.evaluate_modes(graphdef, params, split=split, per_task_path=out_path)
-            with open(out_path) as f:
-                after = json.load(f)
+        results, after = self.evaluate_modes_tasks(graphdef, params, split=split)
+        if per_task_path is not None:
+            _write_per_task(per_task_path, split, after)
         if before is not None:
-            from actfocus_jax.analysis.results import paired_task_gain
+            from actfocus_jax.analysis.results import mode_gains
 
-            for mode in ("greedy", "sampled"):
-                if mode in before and mode in after:
-                    g = paired_task_gain(before[mode], after[mode])
-                    results[f"gain/{mode}/success"] = g["mean"]
-                    results[f"gain/{mode}/success_lo"] = g["lo"]
-                    results[f"gain/{mode}/success_hi"] = g["hi"]
+            for mode, g in mode_gains(before, after).items():
+                results[f"gain/{mode}/success"] = g["mean"]
+                results[f"gain/{mode}/success_lo"] = g["lo"]
+                results[f"gain/{mode}/success_hi"] = g["hi"]
         return results
 
     def evaluate_modes(
@@ -452,16 +432,24 @@ class Experiment:
         prefix: str = "",
         per_task_path: str | None = None,
     ) -> dict[str, float]:
-        """:meth:`evaluate` greedy (keys ``{prefix}greedy/...``) and, if ``config.eval.sampled``,
-        with sampling, ``eval.samples_per_task`` episodes per task (``{prefix}sampled/...``).
+        """:meth:`evaluate_modes_tasks`'s metrics; with ``per_task_path`` its per-task success
+        rates (``{"split", "greedy": [...], "sampled": [...]}``) are written there as JSON, for
+        paired comparisons of two policies (:func:`paired_task_gain`)."""
+        out, per_task = self.evaluate_modes_tasks(graphdef, params, split=split, prefix=prefix)
+        if per_task_path is not None:
+            _write_per_task(per_task_path, split, per_task)
+        return out
 
-        With ``per_task_path`` the per-task success rates (``{"greedy": [...], "sampled": [...]}``)
-        are written there as JSON, for paired comparisons of two policies
-        (:func:`paired_task_gain`).
-        """
+    def evaluate_modes_tasks(
+        self, graphdef: Any, params: Any, *, split: str = "test", prefix: str = ""
+    ) -> tuple[dict[str, float], dict[str, list[float]]]:
+        """:meth:`evaluate_tasks` greedy (keys ``{prefix}greedy/...``) and, if
+        ``config.eval.sampled``, with sampling, ``eval.samples_per_task`` episodes per task
+        (``{prefix}sampled/...``); returns the metrics and ``{"greedy": [...], "sampled": [...]}``,
+        the per-task success rates."""
         metrics, greedy = self.evaluate_tasks(graphdef, params, split=split, greedy=True)
         out = _prefixed(f"{prefix}greedy/", metrics)
-        per_task = {"greedy": greedy.tolist()}
+        per_task = {"greedy": np.asarray(greedy).tolist()}
         if self.config.eval.sampled:
             metrics, sampled = self.evaluate_tasks(
                 graphdef,
@@ -471,11 +459,8 @@ class Experiment:
                 samples_per_task=int(self.config.eval.samples_per_task),
             )
             out.update(_prefixed(f"{prefix}sampled/", metrics))
-            per_task["sampled"] = sampled.tolist()
-        if per_task_path is not None:
-            with open(per_task_path, "w") as f:
-                json.dump({"split": split, **per_task}, f)
-        return out
+            per_task["sampled"] = np.asarray(sampled).tolist()
+        return out, per_task
 
     def step_tasks(self, position: dict[str, int]) -> tuple[Any, np.ndarray, dict[str, int]]:
         """Tasks of one RL step from the data position ``{"epoch", "index"}``; returns the next one."""
@@ -674,27 +659,24 @@ def _scalars(m: Any) -> Any:
     return m.replace(tokens=None)
 
 
+def _write_per_task(path: str, split: str, per_task: dict[str, list[float]]) -> None:
+    with open(path, "w") as f:
+        json.dump({"split": split, **per_task}, f)
+
+
 def _prefixed(prefix: str, d: dict[str, float]) -> dict[str, float]:
     return {f"{prefix}{k}": v for k, v in d.items()}
 
 
-def run_sft(exp: Experiment) -> dict[str, Any]:
-    """SFT warm start: demonstrations (TFDS) -> next-token loss on responses -> HF directory."""
-    from actfocus_jax.data.demos import build_demos, load_sft_batches
-    from actfocus_jax.train.logging import MetricsLogger
-    from actfocus_jax.train.sft import sft_step
+def build_sft_demos(c: Any, data_dir: str, *, num_tasks: int | None = None) -> Any:
+    """The TFDS demonstration set of config ``c`` (built once under ``data_dir``, then reused);
+    ``num_tasks`` overrides ``c.sft.num_tasks``."""
+    from actfocus_jax.data.demos import build_demos
 
-    c = exp.config
-    if exp.is_host_env:
-        raise ValueError(
-            "SFT demonstrations are generated for the JAX environments (sokoban, frozenlake, "
-            "sudoku); for webshop start RL from --config.model.init=random or hf:<dir>"
-        )
-    t0 = time.perf_counter()
-    builder = build_demos(
-        exp.data_dir,
+    return build_demos(
+        data_dir,
         c.env.name,
-        num_tasks=c.sft.num_tasks,
+        num_tasks=c.sft.num_tasks if num_tasks is None else num_tasks,
         demos_per_task=c.sft.demos_per_task,
         epsilon=c.sft.epsilon,
         seed=c.data.seed,
@@ -705,6 +687,22 @@ def run_sft(exp: Experiment) -> dict[str, Any]:
         prompt=c.rollout.prompt,
         reasoning=c.sft.reasoning,
     )
+
+
+def run_sft(exp: Experiment) -> dict[str, Any]:
+    """SFT warm start: demonstrations (TFDS) -> next-token loss on responses -> HF directory."""
+    from actfocus_jax.data.demos import load_sft_batches
+    from actfocus_jax.train.logging import MetricsLogger
+    from actfocus_jax.train.sft import sft_step
+
+    c = exp.config
+    if exp.is_host_env:
+        raise ValueError(
+            "SFT demonstrations are generated for the JAX environments (sokoban, frozenlake, "
+            "sudoku); for webshop start RL from --config.model.init=random or hf:<dir>"
+        )
+    t0 = time.perf_counter()
+    builder = build_sft_demos(c, exp.data_dir)
     t_data = time.perf_counter() - t0
     model = init_model(exp.model_config(), c.seed)
     graphdef, params = nnx.split(model)
