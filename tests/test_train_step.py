@@ -125,6 +125,34 @@ def test_alpha1_beta0_equals_plain_update_bitwise(rollout):
     assert float(m1.loss) == float(m2.loss)
 
 
+def test_shuffled_advantages_control_permutes_episode_advantages(rollout):
+    """The drift control: the same per-episode advantages (NumPy GRPO reference), each moved to
+    another episode; the default path's key stream is untouched by the option's existence."""
+    model, batch = rollout
+    base = AlgoConfig(group_size=GROUP, actfocus=ActFocusConfig(enabled=False))
+    _, _, m_real = _update(model, batch, base)
+    _, _, m_shuf = _update(model, batch, dataclasses.replace(base, shuffle_advantages=True))
+    mask = np.asarray(batch.loss_mask)
+    ret = np.asarray(batch.episode_return, np.float64).reshape(-1, GROUP)
+    sd = ret.std(1, ddof=1, keepdims=True)  # GRPO: the unbiased group std
+    ref = ((ret - ret.mean(1, keepdims=True)) / (sd + 1e-6)).reshape(-1)
+
+    def per_episode(m):
+        adv = np.asarray(m.tokens.advantages)
+        # Every generated token of an episode carries the episode's advantage.
+        first = np.argmax(mask, axis=1)
+        ep = adv[np.arange(len(adv)), first]
+        np.testing.assert_allclose(np.where(mask, adv, 0.0), np.where(mask, ep[:, None], 0.0))
+        return ep
+
+    real, shuf = per_episode(m_real), per_episode(m_shuf)
+    np.testing.assert_allclose(real, ref, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.sort(shuf), np.sort(ref), rtol=1e-4, atol=1e-5)
+    assert not np.allclose(shuf, ref), "advantages were not moved between episodes"
+    with pytest.raises(ValueError, match="shuffle_advantages"):
+        AlgoConfig(algo="ppo", shuffle_advantages=True)
+
+
 def test_bad_config_errors():
     with pytest.raises(ValueError, match="algo"):
         AlgoConfig(algo="a2c")

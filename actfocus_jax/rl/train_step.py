@@ -82,6 +82,9 @@ class AlgoConfig:
       vf_coef / value_clip: critic loss coefficient and value clip range (PPO).
       epochs / num_minibatches: passes over the batch and minibatches per pass.
       temperature: sampling temperature (log-probs are of the scaled distribution, as at rollout).
+      shuffle_advantages: a control (GRPO only): permute the episodes' advantages across the batch
+        before the update, so the update has the real run's sizes and token statistics but no
+        reward signal; a run with it measures drift (what updates of this size do without signal).
       actfocus: ActFocus weighting (``enabled=False`` = plain PPO / GRPO).
     """
 
@@ -106,6 +109,7 @@ class AlgoConfig:
     epochs: int = 1
     num_minibatches: int = 1
     temperature: float = 1.0
+    shuffle_advantages: bool = False
     actfocus: ActFocusConfig = dataclasses.field(default_factory=ActFocusConfig)
 
     def __post_init__(self) -> None:
@@ -127,6 +131,11 @@ class AlgoConfig:
             raise ValueError("kl_coef and entropy_coef must be >= 0")
         if not (0 <= self.clip_low < 1 and self.clip_high >= 0):
             raise ValueError("need 0 <= clip_low < 1 and clip_high >= 0")
+        if self.shuffle_advantages and self.algo != "grpo":
+            raise ValueError(
+                "shuffle_advantages is a GRPO control (episode-level advantages); PPO's per-token "
+                "GAE advantages cannot be permuted across episodes of different lengths"
+            )
         if self.dual_clip is not None and self.dual_clip <= 1:
             raise ValueError(f"dual_clip must be > 1 (or None), got {self.dual_clip}")
 
@@ -295,7 +304,9 @@ def _masked_mean(x, mask):
     return jnp.sum(x * m) / jnp.maximum(jnp.sum(m), 1.0)
 
 
-def _advantages(statics: TrainStatics, state: TrainState, batch: TrainBatch, ref_logp):
+def _advantages(
+    statics: TrainStatics, state: TrainState, batch: TrainBatch, ref_logp, shuffle_key=None
+):
     cfg = statics.config
     mask = batch.loss_mask
     if cfg.algo == "grpo":
@@ -306,6 +317,8 @@ def _advantages(statics: TrainStatics, state: TrainState, batch: TrainBatch, ref
             leave_one_out=cfg.leave_one_out,
             eps=cfg.adv_eps,
         )
+        if shuffle_key is not None:
+            adv_ep = adv_ep[jax.random.permutation(shuffle_key, adv_ep.shape[0])]
         adv = broadcast_to_tokens(adv_ep, mask)
         zeros = jnp.zeros_like(adv)
         return adv, zeros, zeros
@@ -418,7 +431,10 @@ def train_step(
     if cfg.uses_reference:
         ref_logp, _ = _logp(statics.policy_graphdef, state.ref_params, batch, cfg.temperature)
         ref_logp = jax.lax.stop_gradient(ref_logp)
-    adv, returns, values = _advantages(statics, state, batch, ref_logp)
+    shuffle_key = None
+    if cfg.shuffle_advantages:  # only then is the key split: the default path keeps its stream
+        key, shuffle_key = jax.random.split(key)
+    adv, returns, values = _advantages(statics, state, batch, ref_logp, shuffle_key)
     af = cfg.actfocus
     energies = token_energies(
         af.energy, logp=batch.old_logp, entropy=batch.entropy, logit=batch.logit

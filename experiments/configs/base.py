@@ -103,6 +103,9 @@ def get_base_config(env: str = "sokoban", model: str = "tiny") -> ml_collections
     c.algo.value_clip = 0.2
     c.algo.epochs = 1
     c.algo.num_minibatches = 2
+    # A control run: permute the episodes' GRPO advantages across the batch (no reward signal,
+    # same update sizes), to tell learning from drift.
+    c.algo.shuffle_advantages = False
 
     c.actfocus = ml_collections.ConfigDict()
     c.actfocus.enabled = True
