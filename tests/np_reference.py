@@ -40,6 +40,27 @@ def grpo_advantages(rewards, group_size, *, normalize_std=True, leave_one_out=Fa
     return np.array(out, np.float64)
 
 
+def grpo_turn_advantages(rewards, turn_ids, mask, group_size, *, normalize_std=True, eps=1e-6):
+    rewards = np.asarray(rewards, np.float64)
+    turn_ids = np.asarray(turn_ids)
+    mask = np.asarray(mask).astype(bool)
+    out = np.zeros(turn_ids.shape, np.float64)
+    for start in range(0, len(rewards), group_size):
+        idx = range(start, start + group_size)
+        group = [rewards[i] for i in idx]
+        mean = sum(group) / group_size
+        std = math.sqrt(sum((r - mean) ** 2 for r in group) / (group_size - 1))
+        for i in idx:
+            for pos in range(turn_ids.shape[1]):
+                if not mask[i, pos]:
+                    continue
+                t = turn_ids[i, pos]
+                reached = [rewards[j] for j in idx if np.any(mask[j] & (turn_ids[j] == t))]
+                a = rewards[i] - sum(reached) / len(reached)
+                out[i, pos] = a / (std + eps) if normalize_std else a
+    return out
+
+
 def gae(rewards, values, mask, *, gamma, lam):
     rewards = np.asarray(rewards, np.float64)
     values = np.asarray(values, np.float64)

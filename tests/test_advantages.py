@@ -35,6 +35,59 @@ def test_grpo_variants_match_reference(normalize_std, leave_one_out, group_size)
     np.testing.assert_allclose(out_jit, expected, rtol=RTOL, atol=ATOL)
 
 
+def _episodes_with_turns(rng, n, length, max_turns):
+    """Rows of up to ``max_turns`` turns (each: a few observation tokens, then generated ones),
+    each row stopping after a random number of turns, padded with turn id -1."""
+    turn_ids = np.full((n, length), -1, np.int32)
+    mask = np.zeros((n, length), bool)
+    for i in range(n):
+        pos = 0
+        for t in range(int(rng.integers(1, max_turns + 1))):
+            obs, gen = int(rng.integers(1, 3)), int(rng.integers(1, 4))
+            if pos + obs + gen > length:
+                break
+            turn_ids[i, pos : pos + obs + gen] = t
+            mask[i, pos + obs : pos + obs + gen] = True
+            pos += obs + gen
+    return turn_ids, mask
+
+
+@pytest.mark.parametrize("normalize_std", [True, False])
+@pytest.mark.parametrize("group_size", [2, 4])
+def test_grpo_turn_baseline_matches_reference(normalize_std, group_size):
+    rng = np.random.default_rng(group_size + 7 * normalize_std)
+    n = 3 * group_size
+    turn_ids, mask = _episodes_with_turns(rng, n, 24, 3)
+    rewards = rng.integers(0, 2, size=n).astype(np.float32) * 10.0
+    rewards[-group_size:] = rng.normal(size=group_size)
+    expected = ref.grpo_turn_advantages(
+        rewards, turn_ids, mask, group_size, normalize_std=normalize_std
+    )
+    out = adv.grpo_turn_advantages(
+        jnp.asarray(rewards),
+        jnp.asarray(turn_ids),
+        jnp.asarray(mask),
+        group_size,
+        normalize_std=normalize_std,
+    )
+    np.testing.assert_allclose(out, expected, rtol=RTOL, atol=1e-4)
+
+
+def test_grpo_turn_baseline_turn0_is_grpo_and_later_turns_are_balanced():
+    """Turn 0 (played by all) gets the GRPO advantage; on every turn the advantages of the rollouts
+    that played it sum to zero within a group (the episode-level baseline puts only negative ones
+    on the later turns of a group whose only success ended early)."""
+    # One group of 4: rollout 0 succeeds in turn 0; the others fail after 3 turns.
+    turn_ids = np.array([[0, 0, -1, -1, -1, -1]] + [[0, 0, 1, 1, 2, 2]] * 3, np.int32)
+    mask = np.array([[0, 1, 0, 0, 0, 0]] + [[0, 1, 0, 1, 0, 1]] * 3, bool)
+    rewards = jnp.array([10.0, 0.0, 0.0, 0.0])
+    out = np.asarray(adv.grpo_turn_advantages(rewards, turn_ids, mask, 4, eps=0.0))
+    grpo = np.asarray(adv.grpo_advantages(rewards, 4, eps=0.0))
+    np.testing.assert_allclose(out[:, 1], grpo, rtol=1e-6)  # turn 0
+    np.testing.assert_array_equal(out[1:, [3, 5]], 0.0)  # turns 1-2: all three failed alike
+    np.testing.assert_array_equal(out[~mask], 0.0)
+
+
 def test_grpo_known_values():
     r = jnp.array([1.0, 0.0, 0.0, 0.0])
     # mean 0.25, unbiased std = sqrt(0.25) = 0.5.

@@ -153,6 +153,22 @@ def test_shuffled_advantages_control_permutes_episode_advantages(rollout):
         AlgoConfig(algo="ppo", shuffle_advantages=True)
 
 
+def test_turn_baseline_update_uses_per_turn_advantages(rollout):
+    import np_reference as ref
+
+    model, batch = rollout
+    cfg = AlgoConfig(group_size=GROUP, turn_baseline=True, actfocus=ActFocusConfig(enabled=True))
+    before, state, m = _update(model, batch, cfg)
+    chex.assert_tree_all_finite(m)
+    expected = ref.grpo_turn_advantages(
+        batch.episode_return, batch.turn_ids, batch.loss_mask, GROUP
+    )
+    np.testing.assert_allclose(m.tokens.advantages, expected, rtol=1e-4, atol=1e-4)
+    assert not np.allclose(jax.tree.leaves(state.params)[0], jax.tree.leaves(before)[0])
+    with pytest.raises(ValueError, match="turn_baseline"):
+        AlgoConfig(algo="ppo", turn_baseline=True)
+
+
 def test_bad_config_errors():
     with pytest.raises(ValueError, match="algo"):
         AlgoConfig(algo="a2c")

@@ -33,6 +33,7 @@ __all__ = [
     "episode_rewards_to_tokens",
     "gae",
     "grpo_advantages",
+    "grpo_turn_advantages",
     "masked_mean",
     "masked_var",
     "masked_whiten",
@@ -116,6 +117,78 @@ def _grpo_impl(rewards, eps, g, normalize_std, leave_one_out):
         var = jnp.sum(jnp.square(r - mean), axis=1, keepdims=True) / (g - 1)
         centred = centred / (jnp.sqrt(var) + eps)
     return centred.reshape(n)
+
+
+def grpo_turn_advantages(
+    rewards: jax.Array,
+    turn_ids: jax.Array,
+    mask: jax.Array,
+    group_size: int,
+    *,
+    normalize_std: bool = True,
+    eps: float = 1e-6,
+) -> jax.Array:
+    """GRPO with a per-turn group baseline: token advantages ``[N, L]``.
+
+    A token of turn ``t`` of rollout ``i`` gets ``(R_i - mean_{j in g, j reached t} R_j) /
+    (std_g R + eps)``: the group mean is taken over the rollouts of the group that played turn
+    ``t``. Turn 0 is played by all, so its tokens get exactly the GRPO advantage. Why: an episode
+    that ends early (solved, or out of budget) has no later turns, so with the episode-level
+    baseline the tokens of later turns come mostly from one kind of episode (in Sokoban with a
+    success-only reward, from failures: a group with one success in turn 0 puts only negative
+    advantages on every turn-1 and turn-2 token). That pushes down whatever later turns share
+    (templates, state descriptions) whatever its merit. Reaching turn ``t`` is decided before
+    turn ``t``'s tokens are sampled, so the per-turn mean is a valid (history-dependent) baseline
+    for them, as the group mean is for the whole episode.
+
+    Args:
+      rewards: ``[N]`` episode rewards laid out group after group.
+      turn_ids: int ``[N, L]`` turn index of each token (``-1`` or anything on unmasked tokens).
+      mask: ``[N, L]`` generated tokens (the tokens that get an advantage).
+      group_size: ``G >= 2`` (static).
+      normalize_std: divide by the group's unbiased std of ``R`` over all its rollouts (as GRPO).
+      eps: added to the std.
+
+    Returns:
+      ``[N, L]`` float advantages, 0 outside ``mask``.
+    """
+    rewards = _float(rewards)
+    if rewards.ndim != 1 or turn_ids.ndim != 2 or turn_ids.shape != mask.shape:
+        raise ValueError(
+            f"need rewards [N] and turn_ids / mask [N, L]; got {rewards.shape}, "
+            f"{turn_ids.shape}, {mask.shape}"
+        )
+    n = rewards.shape[0]
+    if turn_ids.shape[0] != n:
+        raise ValueError(f"{n} rewards but {turn_ids.shape[0]} rows of turn_ids")
+    if not isinstance(group_size, int) or group_size < 2 or n % group_size:
+        raise ValueError(
+            f"group_size must be an int >= 2 dividing the number of rewards ({n}); "
+            f"got {group_size!r}"
+        )
+    return _grpo_turn_impl(rewards, turn_ids, mask, eps, group_size, normalize_std)
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5))
+def _grpo_turn_impl(rewards, turn_ids, mask, eps, g, normalize_std):
+    n, length = turn_ids.shape
+    m = mask.astype(bool)
+    t = jnp.where(m, turn_ids, 0).astype(jnp.int32)
+    # played[i, t]: rollout i has a generated token in turn t (turn ids < L, so L slots suffice).
+    rows = jnp.arange(n)[:, None]
+    played = jnp.zeros((n, length), rewards.dtype).at[rows, t].max(m.astype(rewards.dtype))
+    r = rewards.reshape(n // g, g, 1)
+    p = played.reshape(n // g, g, length)
+    mean_t = jnp.sum(p * r, axis=1, keepdims=True) / jnp.maximum(
+        jnp.sum(p, axis=1, keepdims=True), 1
+    )
+    centred = (r - mean_t).reshape(n, length)  # [N, turn]
+    if normalize_std:
+        mean = jnp.mean(r, axis=1, keepdims=True)
+        std = jnp.sqrt(jnp.sum(jnp.square(r - mean), axis=1, keepdims=True) / (g - 1))
+        centred = centred / (jnp.repeat(std.reshape(n // g, 1), g, axis=0) + eps)
+    adv = jnp.take_along_axis(centred, t, axis=1)
+    return jnp.where(m, adv, 0.0)
 
 
 def broadcast_to_tokens(episode_values: jax.Array, mask: jax.Array) -> jax.Array:

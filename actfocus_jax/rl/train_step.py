@@ -38,7 +38,12 @@ from actfocus_jax.rl.actfocus import (
     actfocus_weights,
     token_energies,
 )
-from actfocus_jax.rl.advantages import broadcast_to_tokens, gae, grpo_advantages
+from actfocus_jax.rl.advantages import (
+    broadcast_to_tokens,
+    gae,
+    grpo_advantages,
+    grpo_turn_advantages,
+)
 from actfocus_jax.rl.losses import (
     LOSS_AGG_MODES,
     entropy_loss,
@@ -82,6 +87,8 @@ class AlgoConfig:
       vf_coef / value_clip: critic loss coefficient and value clip range (PPO).
       epochs / num_minibatches: passes over the batch and minibatches per pass.
       temperature: sampling temperature (log-probs are of the scaled distribution, as at rollout).
+      turn_baseline: GRPO with a per-turn group baseline (``grpo_turn_advantages``): a token of
+        turn ``t`` is compared with the rollouts of its group that reached turn ``t``.
       shuffle_advantages: a control (GRPO only): permute the episodes' advantages across the batch
         before the update, so the update has the real run's sizes and token statistics but no
         reward signal; a run with it measures drift (what updates of this size do without signal).
@@ -109,6 +116,7 @@ class AlgoConfig:
     epochs: int = 1
     num_minibatches: int = 1
     temperature: float = 1.0
+    turn_baseline: bool = False
     shuffle_advantages: bool = False
     actfocus: ActFocusConfig = dataclasses.field(default_factory=ActFocusConfig)
 
@@ -131,6 +139,15 @@ class AlgoConfig:
             raise ValueError("kl_coef and entropy_coef must be >= 0")
         if not (0 <= self.clip_low < 1 and self.clip_high >= 0):
             raise ValueError("need 0 <= clip_low < 1 and clip_high >= 0")
+        if self.turn_baseline and (self.algo != "grpo" or self.leave_one_out):
+            raise ValueError(
+                "turn_baseline is a GRPO group-mean baseline: use it with algo=grpo and "
+                "leave_one_out=False"
+            )
+        if self.turn_baseline and self.shuffle_advantages:
+            raise ValueError(
+                "shuffle_advantages permutes episode advantages; turn_baseline has none"
+            )
         if self.shuffle_advantages and self.algo != "grpo":
             raise ValueError(
                 "shuffle_advantages is a GRPO control (episode-level advantages); PPO's per-token "
@@ -309,6 +326,17 @@ def _advantages(
 ):
     cfg = statics.config
     mask = batch.loss_mask
+    if cfg.algo == "grpo" and cfg.turn_baseline:
+        adv = grpo_turn_advantages(
+            batch.episode_return,
+            batch.turn_ids,
+            mask,
+            cfg.group_size,
+            normalize_std=cfg.normalize_std,
+            eps=cfg.adv_eps,
+        )
+        zeros = jnp.zeros_like(adv)
+        return adv, zeros, zeros
     if cfg.algo == "grpo":
         adv_ep = grpo_advantages(
             batch.episode_return,

@@ -180,6 +180,7 @@ def algo_config_from(c: Any) -> AlgoConfig:
         epochs=int(a.epochs),
         num_minibatches=int(a.num_minibatches),
         temperature=float(c.rollout.temperature),
+        turn_baseline=bool(a.turn_baseline),
         shuffle_advantages=bool(a.shuffle_advantages),
         actfocus=actfocus_config_from(c),
     )

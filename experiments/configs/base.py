@@ -103,6 +103,9 @@ def get_base_config(env: str = "sokoban", model: str = "tiny") -> ml_collections
     c.algo.value_clip = 0.2
     c.algo.epochs = 1
     c.algo.num_minibatches = 2
+    # GRPO's group mean taken per turn over the rollouts that reached the turn (see
+    # actfocus_jax.rl.advantages.grpo_turn_advantages); False = the episode-level group mean.
+    c.algo.turn_baseline = False
     # A control run: permute the episodes' GRPO advantages across the batch (no reward signal,
     # same update sizes), to tell learning from drift.
     c.algo.shuffle_advantages = False
