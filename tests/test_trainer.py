@@ -183,6 +183,12 @@ def test_config_errors_name_the_field(tmp_path):
     c = tiny_config(tmp_path, **{"optim.eps": 0.0})
     with pytest.raises(ConfigError, match=r"optim\.eps"):
         validate(c)
+    c = tiny_config(tmp_path, **{"algo.algo": "ppo", "algo.turn_baseline": True})
+    with pytest.raises(ConfigError, match="turn_baseline"):
+        validate(c)
+    c = tiny_config(tmp_path, **{"algo.turn_baseline": True, "algo.shuffle_advantages": True})
+    with pytest.raises(ConfigError, match="shuffle_advantages"):
+        validate(c)
     c = tiny_config(tmp_path, **{"model.init": "sft"})
     with pytest.raises(FileNotFoundError, match=r"experiments\.sft"):
         Experiment(c).init_policy()
