@@ -419,3 +419,52 @@ def test_bad_arguments():
         analysis.bottleneck_stats(data, 2, energy="bogus")
     with pytest.raises(ValueError):
         bn.bootstrap_ci(np.ones(3), alpha=1.5)
+
+
+def test_advantage_by_turn_matches_numpy_and_shows_the_late_turn_imbalance():
+    """Per turn and role: token share and mean advantage under the episode-level and per-turn GRPO
+    baselines, against float64 loops (tests/np_reference.py); a success that ends in turn 0 leaves
+    only failures in turns 1-2, whose tokens get a negative mean advantage under the episode
+    baseline and zero under the per-turn one."""
+    import np_reference as ref
+
+    from actfocus_jax.analysis import advantage_by_turn
+
+    g = 4
+    # Group 0: rollout 0 solves in turn 0; rollouts 1-3 fail after 3 turns (one reasoning token
+    # and one action token per turn, after one observation token). Group 1: random lengths.
+    rng = np.random.default_rng(3)
+    turn_ids = np.full((2 * g, 12), -1, np.int32)
+    roles = np.zeros((2 * g, 12), np.int8)
+    for i in range(2 * g):
+        n_turns = 1 if i == 0 else (3 if i < g else int(rng.integers(1, 4)))
+        for t in range(n_turns):
+            turn_ids[i, 3 * t : 3 * t + 3] = t
+            roles[i, 3 * t + 1] = int(Role.REASONING)
+            roles[i, 3 * t + 2] = int(Role.ACTION)
+    mask = roles > 0
+    rewards = np.array([10, 0, 0, 0, *rng.integers(0, 2, size=g) * 10], np.float32)
+    arrays = dict(
+        episode_return=rewards,
+        turn_ids=turn_ids,
+        roles=roles,
+        generated=mask,
+        turn_rewards=np.zeros((2 * g, 3), np.float32),
+    )
+    out = advantage_by_turn(arrays, g)
+    ep = ref.grpo_advantages(rewards, g)[:, None] * mask
+    tb = ref.grpo_turn_advantages(rewards, turn_ids, mask, g)
+    for name, adv in (("episode", ep), ("turn", tb)):
+        np.testing.assert_allclose(out[name]["all"], adv[mask].mean(), rtol=1e-5, atol=1e-6)
+        for t in range(3):
+            for role, code in (("reasoning", Role.REASONING), ("action", Role.ACTION)):
+                sel = mask & (turn_ids == t) & (roles == code)
+                cell = out[name]["turns"][t][role]
+                assert cell["share"] == pytest.approx(sel.sum() / mask.sum())
+                np.testing.assert_allclose(cell["mean"], adv[sel].mean(), rtol=1e-5, atol=1e-6)
+    # Group 0 alone: the late-turn tokens come from failures only.
+    arrays0 = {k: v[:g] for k, v in arrays.items()}
+    out0 = advantage_by_turn(arrays0, g)
+    assert out0["episode"]["turns"][1]["action"]["mean"] == pytest.approx(-0.5, rel=1e-5)
+    assert out0["turn"]["turns"][1]["action"]["mean"] == 0.0
+    assert out0["episode"]["turns"][0]["action"]["mean"] == pytest.approx(0.0, abs=1e-6)

@@ -1,5 +1,6 @@
 """Action Bottleneck analysis (DESIGN.md section 3): correlation statistic and gradient variant."""
 
+from actfocus_jax.analysis.advantage_balance import advantage_by_turn
 from actfocus_jax.analysis.bottleneck import (
     ANALYSIS_ROLES,
     ROLE_NAMES,
@@ -29,6 +30,7 @@ __all__ = [
     "VARIANTS",
     "BottleneckStats",
     "RoleGradientStats",
+    "advantage_by_turn",
     "batch_bottleneck_metrics",
     "bootstrap_ci",
     "bottleneck_core",

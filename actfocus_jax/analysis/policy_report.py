@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from actfocus_jax.analysis.advantage_balance import advantage_by_turn
 from actfocus_jax.analysis.bottleneck import ROLE_NAMES, VARIANTS, bottleneck_report
 from actfocus_jax.rl.actfocus import ENERGY_KINDS
 from actfocus_jax.rollout.roles import Role
@@ -314,9 +315,10 @@ def analyze_buffer(
     seed: int = 0,
     num_permutations: int = 100,
 ) -> dict[str, Any]:
-    """``{"episodes", "token_share", "bottleneck"}`` of a rollout buffer (or a mapping of its
+    """``{"episodes", "token_share", "bottleneck", "advantage_by_turn"}`` of a rollout buffer (or a mapping of its
     arrays, e.g. :func:`load_rollouts`): the trainer's episode statistics, :func:`token_share`
-    and :func:`~actfocus_jax.analysis.bottleneck.bottleneck_report` (JSON-safe)."""
+    :func:`~actfocus_jax.analysis.bottleneck.bottleneck_report` and
+    :func:`~actfocus_jax.analysis.advantage_balance.advantage_by_turn` (JSON-safe)."""
     from actfocus_jax.train.trainer import episode_metrics
 
     get = (lambda k: buf[k]) if isinstance(buf, Mapping) else (lambda k: getattr(buf, k))
@@ -340,6 +342,7 @@ def analyze_buffer(
             "episodes": episodes,
             "token_share": token_share(get("roles"), get("turn_ids"), num_turns),
             "bottleneck": report,
+            "advantage_by_turn": advantage_by_turn(buf, group_size, num_turns=num_turns),
         }
     )
 
