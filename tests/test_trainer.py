@@ -110,15 +110,18 @@ def test_end_to_end_environments(tmp_path, env):
 
 
 def test_resume_is_exact_and_survives_interrupted_and_corrupted_checkpoints(tmp_path):
-    full = tiny_config(tmp_path / "a", **{"train.steps": 4, "train.keep": 5})
+    # With a KL term (as the main job): the frozen reference must come back from the checkpoint,
+    # not be re-copied from the resumed policy.
+    kw = {"train.keep": 5, "algo.kl_coef": 0.05}
+    full = tiny_config(tmp_path / "a", **{"train.steps": 4, **kw})
     Experiment(full).run_rl()
 
-    part = tiny_config(tmp_path / "b", **{"train.steps": 2, "train.keep": 5})
+    part = tiny_config(tmp_path / "b", **{"train.steps": 2, **kw})
     Experiment(part).run_rl()
     ckpt_dir = os.path.join(part.workdir, "rl", "checkpoints")
     # A write killed half-way leaves an orbax temporary directory: it must be ignored.
     os.makedirs(os.path.join(ckpt_dir, "3.orbax-checkpoint-tmp", "state"))
-    resumed = tiny_config(tmp_path / "b", **{"train.steps": 4, "train.keep": 5})
+    resumed = tiny_config(tmp_path / "b", **{"train.steps": 4, **kw})
     Experiment(resumed).run_rl(resume=True)
     a, b = final_params(full.workdir), final_params(part.workdir)
     assert a.keys() == b.keys()
@@ -131,7 +134,7 @@ def test_resume_is_exact_and_survives_interrupted_and_corrupted_checkpoints(tmp_
     state_dir = os.path.join(ckpt_dir, "4", "state")
     shutil.rmtree(state_dir)
     os.makedirs(state_dir)
-    again = tiny_config(tmp_path / "b", **{"train.steps": 4, "train.keep": 5})
+    again = tiny_config(tmp_path / "b", **{"train.steps": 4, **kw})
     Experiment(again).run_rl(resume=True)
     c = final_params(part.workdir)
     for k in a:
