@@ -468,3 +468,5 @@ def test_advantage_by_turn_matches_numpy_and_shows_the_late_turn_imbalance():
     assert out0["episode"]["turns"][1]["action"]["mean"] == pytest.approx(-0.5, rel=1e-5)
     assert out0["turn"]["turns"][1]["action"]["mean"] == 0.0
     assert out0["episode"]["turns"][0]["action"]["mean"] == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="turn_ids"):
+        advantage_by_turn({k: v for k, v in arrays.items() if k != "turn_ids"}, g)

@@ -10,12 +10,12 @@ rollout buffer, next to the per-turn baseline of
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 
+from actfocus_jax.analysis.bottleneck import _field
 from actfocus_jax.rl.advantages import grpo_advantages, grpo_turn_advantages
 from actfocus_jax.rollout.roles import Role
 
@@ -42,16 +42,18 @@ def advantage_by_turn(
       turn with ``{"<role>": {"share": fraction of all generated tokens, "mean": mean advantage}}``
       (``mean`` is None for a role/turn with no tokens).
     """
-    get = (lambda k: buf[k]) if isinstance(buf, Mapping) else (lambda k: getattr(buf, k))
-    mask = np.asarray(get("generated")).astype(bool)
-    turn_ids = np.asarray(get("turn_ids"))
-    roles = np.asarray(get("roles"))
-    ret = jnp.asarray(np.asarray(get("episode_return"), np.float32))
+    fields = {k: _field(buf, k) for k in ("generated", "turn_ids", "roles", "episode_return")}
+    if missing := [k for k, v in fields.items() if v is None]:
+        raise ValueError(f"advantage_by_turn needs the rollout arrays {missing}")
+    mask = np.asarray(fields["generated"]).astype(bool)
+    turn_ids = np.asarray(fields["turn_ids"])
+    roles = np.asarray(fields["roles"])
+    ret = jnp.asarray(np.asarray(fields["episode_return"], np.float32))
     if num_turns is None:
-        try:
-            num_turns = int(np.shape(get("turn_rewards"))[1])
-        except (KeyError, AttributeError):
-            num_turns = int(turn_ids.max()) + 1
+        turn_rewards = _field(buf, "turn_rewards")
+        num_turns = (
+            int(np.shape(turn_rewards)[1]) if turn_rewards is not None else int(turn_ids.max()) + 1
+        )
     ep = np.asarray(grpo_advantages(ret, group_size, normalize_std=normalize_std))
     tables = {
         "episode": np.where(mask, ep[:, None], 0.0),

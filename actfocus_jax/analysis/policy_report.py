@@ -315,9 +315,9 @@ def analyze_buffer(
     seed: int = 0,
     num_permutations: int = 100,
 ) -> dict[str, Any]:
-    """``{"episodes", "token_share", "bottleneck", "advantage_by_turn"}`` of a rollout buffer (or a mapping of its
-    arrays, e.g. :func:`load_rollouts`): the trainer's episode statistics, :func:`token_share`
-    :func:`~actfocus_jax.analysis.bottleneck.bottleneck_report` and
+    """``{"episodes", "token_share", "bottleneck", "advantage_by_turn"}`` of a rollout buffer (or a
+    mapping of its arrays, e.g. :func:`load_rollouts`): the trainer's episode statistics,
+    :func:`token_share`, :func:`~actfocus_jax.analysis.bottleneck.bottleneck_report` and
     :func:`~actfocus_jax.analysis.advantage_balance.advantage_by_turn` (JSON-safe)."""
     from actfocus_jax.train.trainer import episode_metrics
 

@@ -88,6 +88,12 @@ def grpo_advantages(
         ``N`` is not a multiple of ``group_size``.
     """
     rewards = _float(rewards)
+    _check_groups(rewards, group_size)
+    return _grpo_impl(rewards, eps, group_size, normalize_std, leave_one_out)
+
+
+def _check_groups(rewards: jax.Array, group_size: int) -> None:
+    """``rewards`` is ``[N]`` and ``group_size`` a Python int ``>= 2`` dividing ``N``."""
     if rewards.ndim != 1:
         raise ValueError(f"rewards must be 1-D [N], got shape {rewards.shape}")
     if not isinstance(group_size, int) or isinstance(group_size, bool):
@@ -100,7 +106,11 @@ def grpo_advantages(
             f"number of rewards ({n}) is not divisible by group_size ({group_size}); "
             "rewards must be laid out group after group"
         )
-    return _grpo_impl(rewards, eps, group_size, normalize_std, leave_one_out)
+
+
+def _group_std(r: jax.Array, mean: jax.Array, g: int) -> jax.Array:
+    """Unbiased std over axis 1 of grouped rewards ``r`` (``mean``: their mean, kept dims)."""
+    return jnp.sqrt(jnp.sum(jnp.square(r - mean), axis=1, keepdims=True) / (g - 1))
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4))
@@ -114,8 +124,7 @@ def _grpo_impl(rewards, eps, g, normalize_std, leave_one_out):
     else:
         centred = r - mean
     if normalize_std:
-        var = jnp.sum(jnp.square(r - mean), axis=1, keepdims=True) / (g - 1)
-        centred = centred / (jnp.sqrt(var) + eps)
+        centred = centred / (_group_std(r, mean, g) + eps)
     return centred.reshape(n)
 
 
@@ -153,18 +162,11 @@ def grpo_turn_advantages(
       ``[N, L]`` float advantages, 0 outside ``mask``.
     """
     rewards = _float(rewards)
-    if rewards.ndim != 1 or turn_ids.ndim != 2 or turn_ids.shape != mask.shape:
+    _check_groups(rewards, group_size)
+    if turn_ids.ndim != 2 or turn_ids.shape != mask.shape or turn_ids.shape[0] != rewards.shape[0]:
         raise ValueError(
-            f"need rewards [N] and turn_ids / mask [N, L]; got {rewards.shape}, "
-            f"{turn_ids.shape}, {mask.shape}"
-        )
-    n = rewards.shape[0]
-    if turn_ids.shape[0] != n:
-        raise ValueError(f"{n} rewards but {turn_ids.shape[0]} rows of turn_ids")
-    if not isinstance(group_size, int) or group_size < 2 or n % group_size:
-        raise ValueError(
-            f"group_size must be an int >= 2 dividing the number of rewards ({n}); "
-            f"got {group_size!r}"
+            f"need turn_ids and mask of shape [N, L] with N = {rewards.shape[0]} rewards; got "
+            f"{turn_ids.shape} and {mask.shape}"
         )
     return _grpo_turn_impl(rewards, turn_ids, mask, eps, group_size, normalize_std)
 
@@ -182,12 +184,10 @@ def _grpo_turn_impl(rewards, turn_ids, mask, eps, g, normalize_std):
     mean_t = jnp.sum(p * r, axis=1, keepdims=True) / jnp.maximum(
         jnp.sum(p, axis=1, keepdims=True), 1
     )
-    centred = (r - mean_t).reshape(n, length)  # [N, turn]
+    centred = r - mean_t  # [groups, G, turn]
     if normalize_std:
-        mean = jnp.mean(r, axis=1, keepdims=True)
-        std = jnp.sqrt(jnp.sum(jnp.square(r - mean), axis=1, keepdims=True) / (g - 1))
-        centred = centred / (jnp.repeat(std.reshape(n // g, 1), g, axis=0) + eps)
-    adv = jnp.take_along_axis(centred, t, axis=1)
+        centred = centred / (_group_std(r, jnp.mean(r, axis=1, keepdims=True), g) + eps)
+    adv = jnp.take_along_axis(centred.reshape(n, length), t, axis=1)
     return jnp.where(m, adv, 0.0)
 
 

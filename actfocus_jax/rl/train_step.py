@@ -326,28 +326,27 @@ def _advantages(
 ):
     cfg = statics.config
     mask = batch.loss_mask
-    if cfg.algo == "grpo" and cfg.turn_baseline:
-        adv = grpo_turn_advantages(
-            batch.episode_return,
-            batch.turn_ids,
-            mask,
-            cfg.group_size,
-            normalize_std=cfg.normalize_std,
-            eps=cfg.adv_eps,
-        )
-        zeros = jnp.zeros_like(adv)
-        return adv, zeros, zeros
     if cfg.algo == "grpo":
-        adv_ep = grpo_advantages(
-            batch.episode_return,
-            cfg.group_size,
-            normalize_std=cfg.normalize_std,
-            leave_one_out=cfg.leave_one_out,
-            eps=cfg.adv_eps,
-        )
-        if shuffle_key is not None:
-            adv_ep = adv_ep[jax.random.permutation(shuffle_key, adv_ep.shape[0])]
-        adv = broadcast_to_tokens(adv_ep, mask)
+        if cfg.turn_baseline:
+            adv = grpo_turn_advantages(
+                batch.episode_return,
+                batch.turn_ids,
+                mask,
+                cfg.group_size,
+                normalize_std=cfg.normalize_std,
+                eps=cfg.adv_eps,
+            )
+        else:
+            adv_ep = grpo_advantages(
+                batch.episode_return,
+                cfg.group_size,
+                normalize_std=cfg.normalize_std,
+                leave_one_out=cfg.leave_one_out,
+                eps=cfg.adv_eps,
+            )
+            if shuffle_key is not None:
+                adv_ep = adv_ep[jax.random.permutation(shuffle_key, adv_ep.shape[0])]
+            adv = broadcast_to_tokens(adv_ep, mask)
         zeros = jnp.zeros_like(adv)
         return adv, zeros, zeros
     values = apply_values(
