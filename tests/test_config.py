@@ -58,3 +58,49 @@ def test_env_options_override_from_the_command_line():
 def test_unknown_env_option_is_rejected():
     with pytest.raises(AttributeError, match="no_such_option"):
         parse("experiments/configs/sokoban.py", "--config.env.options.no_such_option=1")
+
+
+@pytest.mark.parametrize("env", ["sokoban", "frozenlake", "sudoku"])
+def test_recipe_is_shared_across_envs(env):
+    from actfocus_jax.train.config import validate
+
+    c = parse(f"experiments/configs/recipe.py:{env}")
+    validate(c)
+    assert c.env.name == env
+    soko = parse("experiments/configs/recipe.py:sokoban")
+    # Everything but the environment (and the work directory) is the same recipe.
+    for section in (
+        "sft",
+        "rollout",
+        "algo",
+        "actfocus",
+        "optim",
+        "train",
+        "eval",
+        "data",
+        "model",
+    ):
+        assert c[section].to_dict() == soko[section].to_dict(), section
+
+
+def test_main_config_is_the_sokoban_recipe():
+    main, recipe = parse("experiments/configs/main.py"), parse("experiments/configs/recipe.py")
+    assert main.workdir == "runs/main"
+    main_d, recipe_d = main.to_dict(), recipe.to_dict()
+    del main_d["workdir"], recipe_d["workdir"]
+    assert main_d == recipe_d
+    assert env_options_from(main) == {
+        "format_penalty": -1.0,
+        "max_turns": 3,
+        "step_penalty": 0.0,
+        "box_on_reward": 0.0,
+        "box_off_penalty": 0.0,
+    }
+
+
+def test_recipe_rejects_an_unknown_env():
+    # absl wraps the config file's ValueError; its message reaches the user.
+    with pytest.raises(flags.IllegalFlagValueError, match="no settings for env 'webshop'"):
+        parse("experiments/configs/recipe.py:webshop")
+    with pytest.raises(flags.IllegalFlagValueError, match="embedded default"):
+        parse("experiments/configs/main.py:small")
