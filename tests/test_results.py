@@ -283,3 +283,26 @@ def test_held_out_gains_per_run_and_over_seeds(tmp_path):
     assert "paired by task" in out.stdout
     agg = json.loads((tmp_path / "sweep" / "aggregate.json").read_text())["held_out_gain"]
     assert agg["variants"] == json.loads(json.dumps(hg["variants"]))
+    # The Markdown tables: one row per run with its paired gains, one per variant over seeds.
+    md = R.held_out_gain_markdown(hg)
+    assert md in (tmp_path / "sweep" / "aggregate.md").read_text()
+    rows = {}
+    for line in md.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 8 and cells[1] not in ("seed", "---"):
+            rows[(cells[0], cells[1])] = cells
+    assert len(rows) == len(runs)
+    for r in runs:
+        cells = rows[(r["variant"], r["seed"])]
+        for j, m in enumerate(("greedy", "sampled")):
+            g = hg["runs"][r["name"]][m]
+            assert cells[2 + j].strip("*").startswith(f"{truth[r['name']][m]:+.3f} [")
+            # Bold exactly when the interval excludes 0 (the sampled gains of runs i > 0 do).
+            assert cells[2 + j].startswith("**") == (g["lo"] > 0 or g["hi"] < 0)
+            assert cells[4 + j] == f"{g['after']:.3f}"
+            assert cells[6 + j] == f"{g['better']} / {g['worse']}"
+    for variant, gains in hg["variants"].items():
+        line = next(
+            x for x in md.splitlines() if x.startswith(f"| {variant} | {gains['greedy']['n']} |")
+        )
+        assert f"{gains['sampled']['mean']:+.3f}" in line

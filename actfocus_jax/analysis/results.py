@@ -39,6 +39,7 @@ __all__ = [
     "aggregate",
     "aggregate_sweep",
     "eval_points",
+    "held_out_gain_markdown",
     "held_out_gains",
     "markdown_table",
     "mean_ci",
@@ -600,6 +601,53 @@ def markdown_table(agg: Mapping[str, Any], digits: int = 3) -> str:
     return "\n".join(lines)
 
 
+def _gain_cell(g: Mapping[str, Any], digits: int = 3) -> str:
+    """``+0.038 [+0.017, +0.059]``, bold when the interval excludes 0."""
+    if g.get("mean") is None:
+        return "-"
+    if g.get("lo") is None:
+        return f"{g['mean']:+.{digits}f}"
+    s = f"{g['mean']:+.{digits}f} [{g['lo']:+.{digits}f}, {g['hi']:+.{digits}f}]"
+    return f"**{s}**" if g["lo"] > 0 or g["hi"] < 0 else s
+
+
+def held_out_gain_markdown(hg: Mapping[str, Any], digits: int = 3) -> str:
+    """Markdown tables of :func:`held_out_gains`: one row per run (the gain per mode paired by
+    task with its interval, the policy's rate after, tasks better / worse) and one per variant
+    (the mean of its seeds' gains ± the t half-width over seeds). Bold: the interval excludes 0."""
+    runs = hg.get("runs", {})
+    modes = sorted({m for gains in runs.values() for m in gains})
+    if not modes:
+        return ""
+    order = sorted(runs, key=lambda n: (parse_run_name(n)[0], str(parse_run_name(n)[1])))
+    header = ["variant", "seed"] + [f"{m} gain [CI]" for m in modes]
+    header += [f"{m} after" for m in modes] + [f"{m} better / worse" for m in modes]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name in order:
+        variant, seed = parse_run_name(name)
+        gains = runs[name]
+        row = [variant, "-" if seed is None else seed]
+        row += [_gain_cell(gains[m], digits) if m in gains else "-" for m in modes]
+        row += [_fmt(gains[m]["after"], digits) if m in gains else "-" for m in modes]
+        row += [f"{gains[m]['better']} / {gains[m]['worse']}" if m in gains else "-" for m in modes]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in row) + " |")
+    lines += ["", "| variant | n | " + " | ".join(f"{m} gain (mean ± t)" for m in modes) + " |"]
+    lines.append("|" + "---|" * (2 + len(modes)))
+    for variant, gains in hg.get("variants", {}).items():
+        n = max((ci["n"] for ci in gains.values()), default=0)
+        cells = []
+        for m in modes:
+            ci = gains.get(m)
+            if ci is None or ci["mean"] is None:
+                cells.append("-")
+            elif ci["half_width"] is None:
+                cells.append(f"{ci['mean']:+.{digits}f}")
+            else:
+                cells.append(f"{ci['mean']:+.{digits}f} ± {ci['half_width']:.{digits}f}")
+        lines.append(f"| {variant} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def text_table(agg: Mapping[str, Any], digits: int = 3) -> str:
     """A plain-text, column-aligned version of :func:`markdown_table`."""
     header, rows = _rows(agg, digits)
@@ -621,6 +669,11 @@ def write_aggregate(agg: Mapping[str, Any], out_dir: str | os.PathLike) -> dict[
     }
     with open(paths["json"], "w") as f:
         json.dump(agg, f, indent=2, allow_nan=False)
+    md = markdown_table(agg)
+    if agg.get("held_out_gain"):
+        hg = agg["held_out_gain"]
+        md += f"\n\nHeld-out gain over {hg.get('baseline', 'the baseline')}, paired by task:\n\n"
+        md += held_out_gain_markdown(hg)
     with open(paths["markdown"], "w") as f:
-        f.write(markdown_table(agg) + "\n")
+        f.write(md + "\n")
     return paths
