@@ -233,19 +233,28 @@ def test_action_bottleneck_notebook(tiny_run, kernel_env, monkeypatch):
     assert "along training" in text and "per turn" in text
 
 
-def test_results_notebook(tiny_run, kernel_env, monkeypatch):
+def test_results_notebook(tiny_run, kernel_env, monkeypatch, tmp_path):
+    # A baseline that failed every held-out task: the real run's gain is its own success rate.
+    with open(os.path.join(tiny_run["run"], "rl", "final_per_task.json")) as f:
+        final = json.load(f)
+    (tmp_path / "base.json").write_text(json.dumps({m: [0.0] * len(v) for m, v in final.items()}))
     env = dict(
         kernel_env,
         ACTFOCUS_NB_RUN_DIRS=tiny_run["run"],
         ACTFOCUS_NB_SWEEP_DIR=str(tiny_run["sweep"]),
+        ACTFOCUS_NB_BASELINE=str(tmp_path / "base.json"),
     )
     data, text = _execute("results.ipynb", env, monkeypatch, NOTEBOOKS)
     images = [d for d in data if "image/png" in d]
     tables = [d["text/markdown"] for d in data if "text/markdown" in d]
-    assert len(images) >= 3  # learning curves, per-variant bars, seed-mean curves
+    # learning curves, per-variant bars, held-out gains, seed-mean curves
+    assert len(images) >= 4
     assert any(t.startswith("| run | metric") for t in tables)
-    agg_table = next(t for t in tables if t.startswith("| variant"))
+    agg_table = next(t for t in tables if t.startswith("| variant | metric"))
     assert "actfocus.enabled=false | greedy/success | 2 |" in agg_table
+    gain_table = next(t for t in tables if t.startswith("| variant | seed"))
+    row = next(x for x in gain_table.splitlines() if x.startswith("| actfocus.enabled=true | 0 |"))
+    assert f"{np.mean(final['greedy']):+.3f}" in row
     assert "1 runs" in text
 
 
