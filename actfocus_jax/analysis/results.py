@@ -590,12 +590,15 @@ def _rows(agg: Mapping[str, Any], digits: int) -> tuple[list[str], list[list[str
     return header, rows
 
 
+def _md_row(cells: Sequence[str]) -> str:
+    """One Markdown table row (``|`` inside a cell escaped)."""
+    return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+
 def markdown_table(agg: Mapping[str, Any], digits: int = 3) -> str:
     """A Markdown table of :func:`aggregate` (one row per variant x metric)."""
     header, rows = _rows(agg, digits)
-    esc = lambda s: s.replace("|", "\\|")
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
+    lines = [_md_row(header), "|" + "---|" * len(header)] + [_md_row(r) for r in rows]
     if agg.get("skipped"):
         lines += ["", f"Skipped (incomplete): {', '.join(agg['skipped'])}"]
     return "\n".join(lines)
@@ -622,7 +625,7 @@ def held_out_gain_markdown(hg: Mapping[str, Any], digits: int = 3) -> str:
     order = sorted(runs, key=lambda n: (parse_run_name(n)[0], str(parse_run_name(n)[1])))
     header = ["variant", "seed"] + [f"{m} gain [CI]" for m in modes]
     header += [f"{m} after" for m in modes] + [f"{m} better / worse" for m in modes]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = [_md_row(header), "|" + "---|" * len(header)]
     for name in order:
         variant, seed = parse_run_name(name)
         gains = runs[name]
@@ -630,8 +633,8 @@ def held_out_gain_markdown(hg: Mapping[str, Any], digits: int = 3) -> str:
         row += [_gain_cell(gains[m], digits) if m in gains else "-" for m in modes]
         row += [_fmt(gains[m]["after"], digits) if m in gains else "-" for m in modes]
         row += [f"{gains[m]['better']} / {gains[m]['worse']}" if m in gains else "-" for m in modes]
-        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in row) + " |")
-    lines += ["", "| variant | n | " + " | ".join(f"{m} gain (mean ± t)" for m in modes) + " |"]
+        lines.append(_md_row(row))
+    lines += ["", _md_row(["variant", "n"] + [f"{m} gain (mean ± t)" for m in modes])]
     lines.append("|" + "---|" * (2 + len(modes)))
     for variant, gains in hg.get("variants", {}).items():
         n = max((ci["n"] for ci in gains.values()), default=0)
@@ -644,7 +647,7 @@ def held_out_gain_markdown(hg: Mapping[str, Any], digits: int = 3) -> str:
                 cells.append(f"{ci['mean']:+.{digits}f}")
             else:
                 cells.append(f"{ci['mean']:+.{digits}f} ± {ci['half_width']:.{digits}f}")
-        lines.append(f"| {variant} | {n} | " + " | ".join(cells) + " |")
+        lines.append(_md_row([variant, str(n), *cells]))
     return "\n".join(lines)
 
 
