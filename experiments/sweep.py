@@ -4,7 +4,9 @@
         --grid="actfocus.alpha=0,0.1,1;algo.algo=grpo,ppo" --seeds=0,1,2 --parallel=2 \\
         [--init=hf:runs/x/sft] [--dry_run]
 
-Runs ``python -m experiments.train`` for every combination (one after another, or ``--parallel``
+``--grid="actfocus.alpha=0,0.3|actfocus.beta=0|actfocus.scope=turn"`` is a union of grids (``|``
+between them): a one-factor-at-a-time ablation, each run changing one field of the config, in the
+order written (duplicates run once). Runs ``python -m experiments.train`` for every combination (one after another, or ``--parallel``
 processes at a time); run directories are named after their overrides, e.g.
 ``runs/sweep/actfocus.alpha=0.1,algo.algo=ppo,seed=2``. A run that already finished (its
 ``rl/summary.json`` exists) is skipped, so an interrupted sweep can be restarted.
@@ -20,7 +22,11 @@ import time
 
 from absl import app, flags
 
-GRID = flags.DEFINE_string("grid", "", "Overrides: 'a.b=v1,v2;c=w1,w2' (';' between fields).")
+GRID = flags.DEFINE_string(
+    "grid",
+    "",
+    "Overrides: 'a.b=v1,v2;c=w1,w2' (';' between fields, '|' between grids run one after another).",
+)
 SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds (comma-separated).")
 PARALLEL = flags.DEFINE_integer("parallel", 1, "Runs at a time.")
 INIT = flags.DEFINE_string("init", None, "--config.model.init for every run (e.g. hf:<sft dir>).")
@@ -53,6 +59,18 @@ def runs(grid: list[tuple[str, list[str]]], seeds: list[str]) -> list[dict[str, 
     return [dict(zip(fields, combo), seed=seed) for combo in combos for seed in seeds]
 
 
+def expand(spec: str, seeds: list[str]) -> list[dict[str, str]]:
+    """The runs of a union of grids ``'g1|g2|...'``, in order, each combination once."""
+    out: list[dict[str, str]] = []
+    for part in spec.split("|") if spec.strip() else [""]:
+        if spec.strip() and not part.strip():
+            raise ValueError(f"grid {spec!r} has an empty alternative between '|'")
+        for run in runs(parse_grid(part), seeds):
+            if run not in out:
+                out.append(run)
+    return out
+
+
 def command(run: dict[str, str], workdir: str) -> list[str]:
     cmd = [sys.executable, "-m", "experiments.train", f"--config={CONFIG_FILE.value}"]
     cmd += [f"--config.{k}={v}" for k, v in run.items()]
@@ -66,7 +84,7 @@ def command(run: dict[str, str], workdir: str) -> list[str]:
 def main(argv: list[str]) -> None:
     del argv
     todo = []
-    for run in runs(parse_grid(GRID.value), SEEDS.value):
+    for run in expand(GRID.value, SEEDS.value):
         name = ",".join(f"{k}={v}" for k, v in run.items())
         workdir = os.path.join(WORKDIR.value, name)
         if os.path.exists(os.path.join(workdir, "rl", "summary.json")):

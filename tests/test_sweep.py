@@ -1,0 +1,63 @@
+"""experiments/sweep.py: grid parsing, products, unions of grids (one-factor ablations), dry run."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from experiments import sweep
+
+
+def test_product_grid_in_order_with_seeds():
+    grid = sweep.parse_grid("a=1,2; b=x")
+    assert grid == [("a", ["1", "2"]), ("b", ["x"])]
+    assert sweep.runs(grid, ["0", "1"]) == [
+        {"a": "1", "b": "x", "seed": "0"},
+        {"a": "1", "b": "x", "seed": "1"},
+        {"a": "2", "b": "x", "seed": "0"},
+        {"a": "2", "b": "x", "seed": "1"},
+    ]
+
+
+def test_union_of_grids_changes_one_field_per_run_and_drops_duplicates():
+    got = sweep.expand("a=0,1|b=x|a=1;c=2|a=0", ["0"])
+    assert got == [
+        {"a": "0", "seed": "0"},
+        {"a": "1", "seed": "0"},
+        {"b": "x", "seed": "0"},
+        {"a": "1", "c": "2", "seed": "0"},
+    ]
+    # An empty grid is one run of the config itself per seed.
+    assert sweep.expand("", ["3", "4"]) == [{"seed": "3"}, {"seed": "4"}]
+
+
+@pytest.mark.parametrize("bad", ["a=1||b=2", "a", "a=", "a=1|"])
+def test_malformed_grids_are_refused(bad):
+    with pytest.raises(ValueError, match="grid"):
+        sweep.expand(bad, ["0"])
+
+
+def test_dry_run_prints_one_command_per_run(tmp_path):
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.sweep",
+            "--dry_run",
+            f"--workdir={tmp_path}",
+            "--grid=actfocus.alpha=0,0.3|actfocus.scope=turn",
+            "--seeds=0,1",
+            "--override=algo.kl_coef=0",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    cmds = [line for line in out.splitlines() if "experiments.train" in line]
+    assert len(cmds) == 6
+    assert sum("--config.actfocus.scope=turn" in c for c in cmds) == 2
+    assert all("--config.algo.kl_coef=0" in c for c in cmds)
+    assert not any("alpha" in c and "scope" in c for c in cmds)
+    assert f"--workdir={tmp_path}/actfocus.scope=turn,seed=1" in out
