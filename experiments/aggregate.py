@@ -4,6 +4,7 @@ over seeds.
     python -m experiments.aggregate --sweep_dir=runs/sweep [--metrics=greedy/success,sampled/success]
         [--confidence=0.95] [--include_incomplete] [--out_dir=<dir, default: the sweep directory>]
         [--control=<run dir> [--gain_steps=11,40]] [--baseline_per_task=<per-task JSON>]
+        [--reference_run=<run dir of seed 0> --reference_run=<run dir of seed 1> ...]
 
 Reads every run of a directory made by ``experiments/sweep.py`` (``<run>/rl/metrics.jsonl`` and
 ``<run>/rl/summary.json``), groups the runs by variant (the run name without ``seed=...``), and
@@ -22,6 +23,11 @@ rollout success over that control (mean over steps and t-interval,
 the main job's ``warm_start_per_task.json``); every run's final policy (``rl/final_per_task.json``)
 then gets its held-out gain paired by task, and every variant the mean and t-interval of those
 gains over seeds (:func:`actfocus_jax.analysis.results.held_out_gains`), under ``"held_out_gain"``.
+
+``--reference_run`` (repeated): the runs of a reference variant, one per seed (e.g. the default config's runs
+for a one-factor ablation, or GRPO's for ActFocus-GRPO); every other run then gets its held-out
+difference from the reference of its own seed, paired by task
+(:func:`actfocus_jax.analysis.results.reference_gains`), under ``"reference_gain"``.
 """
 
 from __future__ import annotations
@@ -48,16 +54,24 @@ GAIN_STEPS = flags.DEFINE_list("gain_steps", None, "FIRST,LAST steps of the pair
 BASELINE = flags.DEFINE_string(
     "baseline_per_task", None, "Per-task JSON of a baseline policy: held-out gains paired by task."
 )
+REFERENCES = flags.DEFINE_multi_string(
+    "reference_run",
+    [],
+    "Run directory of a reference variant (name ending in seed=N); repeat once per seed. Every "
+    "run's held-out difference from the reference of its seed, paired by task.",
+)
 
 
 def main(argv: list[str]) -> None:
     del argv
     from actfocus_jax.analysis.results import (
         aggregate_sweep,
+        held_out_gain_markdown,
         held_out_gains,
         paired_gain,
         read_run,
         read_sweep,
+        reference_gains,
         text_table,
         write_aggregate,
     )
@@ -93,19 +107,20 @@ def main(argv: list[str]) -> None:
         with open(BASELINE.value) as f:
             baseline = json.load(f)
         hg = held_out_gains(read_sweep(SWEEP_DIR.value), baseline, confidence=CONFIDENCE.value)
-        print(f"\nheld-out gain over {BASELINE.value}, paired by task")
-        for name, gains in hg["runs"].items():
-            cells = [
-                f"{m} {g['mean']:+.3f} [{g['lo']:+.3f}, {g['hi']:+.3f}]" for m, g in gains.items()
-            ]
-            print(f"  {name}: " + ", ".join(cells))
-        for v, gains in hg["variants"].items():
-            cells = []
-            for m, ci in gains.items():
-                hw = "" if ci["half_width"] is None else f" +- {ci['half_width']:.3f}"
-                cells.append(f"{m} {ci['mean']:+.3f}{hw}")
-            print(f"  {v} (n={next(iter(gains.values()))['n']} seeds): " + ", ".join(cells))
+        print(f"\nheld-out gain over {BASELINE.value}, paired by task\n")
+        print(held_out_gain_markdown(hg))
         agg["held_out_gain"] = {"baseline": BASELINE.value, **hg}
+    if REFERENCES.value:
+        refs = [read_run(d) for d in REFERENCES.value]
+        try:
+            rg = reference_gains(read_sweep(SWEEP_DIR.value), refs, confidence=CONFIDENCE.value)
+        except ValueError as e:
+            raise SystemExit(f"[aggregate] {e}") from None
+        print("\nheld-out difference from the reference run of the same seed, paired by task\n")
+        print(held_out_gain_markdown(rg))
+        if rg["unmatched"]:
+            print(f"no reference of their seed: {', '.join(rg['unmatched'])}")
+        agg["reference_gain"] = rg
     paths = write_aggregate(agg, OUT_DIR.value or SWEEP_DIR.value)
     print(f"[aggregate] wrote {paths['json']} and {paths['markdown']}")
 

@@ -306,3 +306,71 @@ def test_held_out_gains_per_run_and_over_seeds(tmp_path):
             x for x in md.splitlines() if x.startswith(f"| {variant} | {gains['greedy']['n']} |")
         )
         assert f"{gains['sampled']['mean']:+.3f}" in line
+
+
+def test_reference_gains_pair_each_run_with_the_reference_of_its_seed(tmp_path):
+    """A one-factor ablation against the default config's runs: each run is differenced from the
+    reference of its own seed, task by task (NumPy float64 reference), never across seeds."""
+    import numpy as np
+
+    rng = np.random.default_rng(5)
+    n = 64
+    spec = {
+        "actfocus.alpha=0": {"0": ((0.5, 0.5), 0.5), "1": ((0.5, 0.5), 0.5), "2": ((0.5,), 0.5)},
+        "actfocus.beta=0": {"0": ((0.5, 0.5), 0.5)},
+    }
+    names = write_fake_sweep(tmp_path / "sweep", spec)
+    refs, per_task = {}, {}
+    for seed in ("0", "1"):
+        d = tmp_path / "default" / f"algo.kl_coef=0.05,seed={seed}"
+        write_fake_run(d, (0.5, 0.5), 0.5)
+        refs[seed] = {m: rng.integers(0, 2, n).astype(float) for m in ("greedy", "sampled")}
+        (d / "rl" / "final_per_task.json").write_text(
+            json.dumps({m: v.tolist() for m, v in refs[seed].items()})
+        )
+    for name in names:
+        per_task[name] = {m: rng.integers(0, 2, n).astype(float) for m in ("greedy", "sampled")}
+        (tmp_path / "sweep" / name / "rl" / "final_per_task.json").write_text(
+            json.dumps({m: v.tolist() for m, v in per_task[name].items()})
+        )
+    runs = R.read_sweep(tmp_path / "sweep")
+    ref_runs = R.read_sweep(tmp_path / "default")
+    rg = R.reference_gains(runs, ref_runs)
+    assert rg["unmatched"] == ["actfocus.alpha=0,seed=2"]  # no reference of seed 2
+    assert rg["references"] == {"0": ref_runs[0]["dir"], "1": ref_runs[1]["dir"]}
+    assert set(rg["runs"]) == {
+        "actfocus.alpha=0,seed=0",
+        "actfocus.alpha=0,seed=1",
+        "actfocus.beta=0,seed=0",
+    }
+    for name, gains in rg["runs"].items():
+        seed = R.parse_run_name(name)[1]
+        for m, g in gains.items():
+            d = per_task[name][m] - refs[seed][m]
+            half = 1.998341 * d.std(ddof=1) / math.sqrt(n)  # t_{0.975, 63} from tables
+            assert math.isclose(g["mean"], d.mean(), abs_tol=1e-12)
+            assert math.isclose(g["lo"], d.mean() - half, abs_tol=1e-5)
+            assert math.isclose(g["hi"], d.mean() + half, abs_tol=1e-5)
+            assert g["better"] == int((d > 0).sum()) and g["worse"] == int((d < 0).sum())
+            assert math.isclose(g["before"], refs[seed][m].mean())
+    alpha = rg["variants"]["actfocus.alpha=0"]["greedy"]
+    means = [rg["runs"][f"actfocus.alpha=0,seed={s}"]["greedy"]["mean"] for s in ("0", "1")]
+    assert alpha["n"] == 2 and math.isclose(alpha["mean"], float(np.mean(means)))
+    # References that are also in the swept directory are not compared with themselves.
+    assert R.reference_gains(ref_runs, ref_runs)["runs"] == {}
+    # Two references of one seed, or one without per-task results, are refused with the fix.
+    with pytest.raises(ValueError, match="two reference runs of seed 0"):
+        R.reference_gains(runs, [ref_runs[0], ref_runs[0] | {"dir": "elsewhere"}])
+    with pytest.raises(ValueError, match="--per_task_out"):
+        R.reference_gains(runs, [ref_runs[0] | {"per_task": None}])
+    # The CLI: the same numbers in aggregate.json, the table in aggregate.md.
+    out = run_aggregate(
+        f"--sweep_dir={tmp_path / 'sweep'}",
+        f"--reference_run={ref_runs[0]['dir']}",  # run names hold commas: one flag per run
+        f"--reference_run={ref_runs[1]['dir']}",
+    )
+    assert "reference run of the same seed" in out.stdout
+    agg = json.loads((tmp_path / "sweep" / "aggregate.json").read_text())["reference_gain"]
+    assert agg["variants"] == json.loads(json.dumps(rg["variants"]))
+    md = (tmp_path / "sweep" / "aggregate.md").read_text()
+    assert R.held_out_gain_markdown(rg) in md and "No reference of their seed" in md

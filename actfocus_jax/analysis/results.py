@@ -50,6 +50,7 @@ __all__ = [
     "parse_run_name",
     "read_run",
     "read_sweep",
+    "reference_gains",
     "run_outcomes",
     "seed_curves",
     "t_cdf",
@@ -485,13 +486,24 @@ def held_out_gains(
       ``{"runs": {name: {mode: paired_task_gain}}, "variants": {variant: {mode: mean_ci of the
       runs' mean gains (n = seeds)}}}``.
     """
+    return _gains_by_variant(runs, lambda r: baseline, modes, confidence)
+
+
+def _gains_by_variant(
+    runs: Sequence[Mapping[str, Any]],
+    before_of: Any,
+    modes: Sequence[str],
+    confidence: float,
+) -> dict[str, Any]:
+    """:func:`mode_gains` of every run over ``before_of(run)`` (runs where either side has no
+    per-task file are skipped) and per variant the mean and t-interval of the runs' mean gains."""
     per_run: dict[str, dict[str, Any]] = {}
     by_variant: dict[str, dict[str, list[float]]] = {}
     for r in runs:
-        pt = r.get("per_task")
-        if not pt:
+        pt, before = r.get("per_task"), before_of(r)
+        if not pt or not before:
             continue
-        gains = mode_gains(baseline, pt, modes, confidence)
+        gains = mode_gains(before, pt, modes, confidence)
         per_run[r["name"]] = gains
         slot = by_variant.setdefault(r["variant"], {})
         for m, g in gains.items():
@@ -501,6 +513,55 @@ def held_out_gains(
         for v, d in sorted(by_variant.items())
     }
     return {"runs": per_run, "variants": variants}
+
+
+def reference_gains(
+    runs: Sequence[Mapping[str, Any]],
+    references: Sequence[Mapping[str, Any]],
+    *,
+    modes: Sequence[str] = ("greedy", "sampled"),
+    confidence: float = 0.95,
+) -> dict[str, Any]:
+    """Held-out difference of every run's final policy from the reference run of the same seed,
+    paired by task: e.g. each row of a one-factor ablation against the default config's run of
+    that seed (same training tasks and keys, same evaluation), or ActFocus against its base
+    algorithm.
+
+    Args:
+      runs: :func:`read_run` dicts.
+      references: :func:`read_run` dicts of the reference runs, one per seed (their ``seed`` parsed
+        from the run name, ``...,seed=N``); every one needs a ``per_task`` file.
+
+    Returns:
+      :func:`held_out_gains`'s dict plus ``"references"`` (``{seed: run dir}``) and ``"unmatched"``
+      (runs with no reference of their seed, or without a per-task file; the references
+      themselves are left out).
+    """
+    by_seed: dict[str | None, Mapping[str, Any]] = {}
+    for ref in references:
+        if not ref.get("per_task"):
+            raise ValueError(
+                f"reference run {ref['dir']} has no rl/final_per_task.json: it did not finish, or "
+                "was trained before per-task results were saved (evaluate its final policy with "
+                "experiments.evaluate --per_task_out)"
+            )
+        if ref["seed"] in by_seed:
+            raise ValueError(
+                f"two reference runs of seed {ref['seed']}: {by_seed[ref['seed']]['dir']} and "
+                f"{ref['dir']} (pass one per seed)"
+            )
+        by_seed[ref["seed"]] = ref
+    ref_dirs = {os.path.normpath(r["dir"]) for r in references}
+    todo = [r for r in runs if os.path.normpath(r["dir"]) not in ref_dirs]
+
+    def before_of(r):
+        ref = by_seed.get(r["seed"])
+        return ref["per_task"] if ref else None
+
+    out = _gains_by_variant(todo, before_of, modes, confidence)
+    out["references"] = {str(s): r["dir"] for s, r in by_seed.items()}
+    out["unmatched"] = [r["name"] for r in todo if r["name"] not in out["runs"]]
+    return out
 
 
 def aggregate_sweep(
@@ -677,6 +738,13 @@ def write_aggregate(agg: Mapping[str, Any], out_dir: str | os.PathLike) -> dict[
         hg = agg["held_out_gain"]
         md += f"\n\nHeld-out gain over {hg.get('baseline', 'the baseline')}, paired by task:\n\n"
         md += held_out_gain_markdown(hg)
+    if agg.get("reference_gain"):
+        rg = agg["reference_gain"]
+        refs = ", ".join(f"seed {s}: {d}" for s, d in rg.get("references", {}).items())
+        md += f"\n\nHeld-out difference from the reference run of the same seed ({refs}), "
+        md += "paired by task:\n\n" + held_out_gain_markdown(rg)
+        if rg.get("unmatched"):
+            md += f"\n\nNo reference of their seed: {', '.join(rg['unmatched'])}"
     with open(paths["markdown"], "w") as f:
         f.write(md + "\n")
     return paths
