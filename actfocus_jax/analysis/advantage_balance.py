@@ -15,7 +15,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from actfocus_jax.analysis.bottleneck import _field
+from actfocus_jax.analysis.bottleneck import buffer_field
 from actfocus_jax.rl.advantages import grpo_advantages, grpo_turn_advantages
 from actfocus_jax.rollout.roles import Role
 
@@ -42,7 +42,7 @@ def advantage_by_turn(
       turn with ``{"<role>": {"share": fraction of all generated tokens, "mean": mean advantage}}``
       (``mean`` is None for a role/turn with no tokens).
     """
-    fields = {k: _field(buf, k) for k in ("generated", "turn_ids", "roles", "episode_return")}
+    fields = {k: buffer_field(buf, k) for k in ("generated", "turn_ids", "roles", "episode_return")}
     if missing := [k for k, v in fields.items() if v is None]:
         raise ValueError(f"advantage_by_turn needs the rollout arrays {missing}")
     mask = np.asarray(fields["generated"]).astype(bool)
@@ -50,7 +50,7 @@ def advantage_by_turn(
     roles = np.asarray(fields["roles"])
     ret = jnp.asarray(np.asarray(fields["episode_return"], np.float32))
     if num_turns is None:
-        turn_rewards = _field(buf, "turn_rewards")
+        turn_rewards = buffer_field(buf, "turn_rewards")
         num_turns = (
             int(np.shape(turn_rewards)[1]) if turn_rewards is not None else int(turn_ids.max()) + 1
         )

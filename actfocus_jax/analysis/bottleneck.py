@@ -289,7 +289,9 @@ def bottleneck_core(
 
 
 # ------------------------------------------------------------------------------- host entry points
-def _field(data, *names):
+def buffer_field(data, *names):
+    """The first of ``names`` that ``data`` (a rollout buffer or a mapping of its arrays) has and
+    that is not None, else None."""
     for name in names:
         if isinstance(data, Mapping):
             if name in data and data[name] is not None:
@@ -301,26 +303,31 @@ def _field(data, *names):
 
 def _inputs(data, energy: str):
     """``(roles, energies, rewards, turn_ids)`` from a buffer / train batch / mapping."""
-    roles = _field(data, "roles")
-    rewards = _field(data, "episode_return", "rewards")
+    roles = buffer_field(data, "roles")
+    rewards = buffer_field(data, "episode_return", "rewards")
     if roles is None or rewards is None:
         raise ValueError("need `roles` and `episode_return` (or `rewards`)")
-    energies = _field(data, "energies") if energy == "given" else None
+    energies = buffer_field(data, "energies") if energy == "given" else None
     if energy != "given":
         energies = token_energies(
             energy,
-            logp=_field(data, "old_logp", "logp"),
-            entropy=_field(data, "entropy"),
-            logit=_field(data, "logit"),
+            logp=buffer_field(data, "old_logp", "logp"),
+            entropy=buffer_field(data, "entropy"),
+            logit=buffer_field(data, "logit"),
         )
     if energies is None:
         raise ValueError('energy="given" needs an `energies` array')
-    return jnp.asarray(roles), jnp.asarray(energies), jnp.asarray(rewards), _field(data, "turn_ids")
+    return (
+        jnp.asarray(roles),
+        jnp.asarray(energies),
+        jnp.asarray(rewards),
+        buffer_field(data, "turn_ids"),
+    )
 
 
 def _check_groups(data, group_size: int) -> None:
     """If ``group_id`` is present (and concrete), rows of a block of ``G`` must share it."""
-    gid = _field(data, "group_id")
+    gid = buffer_field(data, "group_id")
     if gid is None or isinstance(gid, jax.core.Tracer):
         return
     gid = np.asarray(gid)
@@ -531,7 +538,7 @@ def bottleneck_report(
     without ``turn_ids``.
     """
     report: dict[str, Any] = {"group_size": group_size, "alpha": alpha, "skipped": []}
-    has_turns = _field(buffer_or_arrays, "turn_ids") is not None
+    has_turns = buffer_field(buffer_or_arrays, "turn_ids") is not None
     kw = dict(
         num_resamples=num_resamples, alpha=alpha, seed=seed, num_permutations=num_permutations
     )

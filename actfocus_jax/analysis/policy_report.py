@@ -25,6 +25,7 @@ rollouts) and :func:`trajectory_html` (tokens coloured by weight).
 from __future__ import annotations
 
 import copy
+import functools
 import html
 import importlib.util
 import json
@@ -38,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from actfocus_jax.analysis.advantage_balance import advantage_by_turn
-from actfocus_jax.analysis.bottleneck import ROLE_NAMES, VARIANTS, bottleneck_report
+from actfocus_jax.analysis.bottleneck import ROLE_NAMES, VARIANTS, bottleneck_report, buffer_field
 from actfocus_jax.rl.actfocus import ENERGY_KINDS
 from actfocus_jax.rollout.roles import Role
 
@@ -321,7 +322,7 @@ def analyze_buffer(
     :func:`~actfocus_jax.analysis.advantage_balance.advantage_by_turn` (JSON-safe)."""
     from actfocus_jax.train.trainer import episode_metrics
 
-    get = (lambda k: buf[k]) if isinstance(buf, Mapping) else (lambda k: getattr(buf, k))
+    get = functools.partial(buffer_field, buf)
     if num_turns is None:
         num_turns = int(np.shape(get("turn_rewards"))[1])
     episodes = episode_metrics(_AsBuffer(buf) if isinstance(buf, Mapping) else buf)
