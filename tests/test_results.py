@@ -374,3 +374,33 @@ def test_reference_gains_pair_each_run_with_the_reference_of_its_seed(tmp_path):
     assert agg["variants"] == json.loads(json.dumps(rg["variants"]))
     md = (tmp_path / "sweep" / "aggregate.md").read_text()
     assert R.held_out_gain_markdown(rg) in md and "No reference of their seed" in md
+
+
+def test_gain_by_seed_markdown_one_row_per_variant():
+    """The compact README table: seeds as columns, bold per run and mode exactly when its
+    interval excludes 0, a dash for a missing seed, the mean ± t half-width over seeds."""
+    before = {"greedy": [0.0, 1.0, 0.0, 1.0] * 8, "sampled": [0.5] * 32}
+    up = {"greedy": [1.0, 1.0, 0.0, 1.0] * 8, "sampled": [0.75] * 16 + [0.5] * 16}
+    flat = {"greedy": [0.0, 1.0, 1.0, 0.0] * 8, "sampled": [0.5] * 32}
+    runs = [
+        {"name": f"{v},seed={s}", "variant": v, "seed": s, "dir": f"d/{v}{s}", "per_task": pt}
+        for v, s, pt in [("a=1", "0", up), ("a=1", "1", flat), ("a=2", "0", flat)]
+    ]
+    hg = R.held_out_gains(runs, before)
+    md = R.gain_by_seed_markdown(hg).splitlines()
+    assert md[0] == (
+        "| variant | seed 0 greedy / sampled gain | seed 1 greedy / sampled gain "
+        "| mean greedy gain | mean sampled gain |"
+    )
+    a1 = hg["variants"]["a=1"]
+    assert md[2] == (
+        "| a=1 | **+0.250** / **+0.125** | +0.000 / +0.000 | "
+        f"+0.125 ± {a1['greedy']['half_width']:.3f} | +0.062 ± {a1['sampled']['half_width']:.3f} |"
+    )
+    # One seed: no interval over seeds, and no entry for seed 1.
+    assert md[3] == "| a=2 | +0.000 / +0.000 | - | +0.000 | +0.000 |"
+    # t_{0.975, 1} = 12.706: the half-width over two seeds of gains 0.25 and 0.
+    assert math.isclose(
+        a1["greedy"]["half_width"], 12.7062 * 0.25 / math.sqrt(2) / math.sqrt(2), rel_tol=1e-4
+    )
+    assert R.gain_by_seed_markdown({"runs": {}}) == ""

@@ -39,6 +39,7 @@ __all__ = [
     "aggregate",
     "aggregate_sweep",
     "eval_points",
+    "gain_by_seed_markdown",
     "held_out_gain_markdown",
     "held_out_gains",
     "markdown_table",
@@ -712,6 +713,50 @@ def held_out_gain_markdown(hg: Mapping[str, Any], digits: int = 3) -> str:
     return "\n".join(lines)
 
 
+def gain_by_seed_markdown(hg: Mapping[str, Any], digits: int = 3) -> str:
+    """The compact table of :func:`held_out_gains` (or :func:`reference_gains`) used in the
+    README: one row per variant, one column per seed with its ``greedy / sampled`` gains (bold
+    where that run's interval over tasks excludes 0), then the mean over seeds ± the t
+    half-width per mode."""
+    runs = hg.get("runs", {})
+    modes = [m for m in ("greedy", "sampled") if any(m in g for g in runs.values())]
+    modes += sorted({m for g in runs.values() for m in g} - set(modes))
+    if not modes:
+        return ""
+    by_variant: dict[str, dict[str, Mapping[str, Any]]] = {}
+    for name, gains in runs.items():
+        variant, seed = parse_run_name(name)
+        by_variant.setdefault(variant, {})["-" if seed is None else seed] = gains
+    seeds = sorted({s for v in by_variant.values() for s in v}, key=_seed_key)
+
+    def bold_mean(g):
+        if g is None or g.get("mean") is None:
+            return "-"
+        s = f"{g['mean']:+.{digits}f}"
+        lo, hi = g.get("lo"), g.get("hi")
+        return f"**{s}**" if lo is not None and (lo > 0 or hi < 0) else s
+
+    slash = " / ".join(modes)
+    header = ["variant"] + [f"seed {s} {slash} gain" for s in seeds]
+    header += [f"mean {m} gain" for m in modes]
+    lines = [_md_row(header), "|" + "---|" * len(header)]
+    for variant in sorted(by_variant):
+        row = [variant]
+        for s in seeds:
+            g = by_variant[variant].get(s)
+            row.append("-" if g is None else " / ".join(bold_mean(g.get(m)) for m in modes))
+        for m in modes:
+            ci = hg.get("variants", {}).get(variant, {}).get(m)
+            if ci is None or ci["mean"] is None:
+                row.append("-")
+            elif ci["half_width"] is None:
+                row.append(f"{ci['mean']:+.{digits}f}")
+            else:
+                row.append(f"{ci['mean']:+.{digits}f} ± {ci['half_width']:.{digits}f}")
+        lines.append(_md_row(row))
+    return "\n".join(lines)
+
+
 def text_table(agg: Mapping[str, Any], digits: int = 3) -> str:
     """A plain-text, column-aligned version of :func:`markdown_table`."""
     header, rows = _rows(agg, digits)
@@ -738,11 +783,14 @@ def write_aggregate(agg: Mapping[str, Any], out_dir: str | os.PathLike) -> dict[
         hg = agg["held_out_gain"]
         md += f"\n\nHeld-out gain over {hg.get('baseline', 'the baseline')}, paired by task:\n\n"
         md += held_out_gain_markdown(hg)
+        md += "\n\nPer seed (greedy / sampled; bold: the run's interval over tasks excludes 0):\n\n"
+        md += gain_by_seed_markdown(hg)
     if agg.get("reference_gain"):
         rg = agg["reference_gain"]
         refs = ", ".join(f"seed {s}: {d}" for s, d in rg.get("references", {}).items())
         md += f"\n\nHeld-out difference from the reference run of the same seed ({refs}), "
         md += "paired by task:\n\n" + held_out_gain_markdown(rg)
+        md += "\n\nPer seed (greedy / sampled):\n\n" + gain_by_seed_markdown(rg)
         if rg.get("unmatched"):
             md += f"\n\nNo reference of their seed: {', '.join(rg['unmatched'])}"
     with open(paths["markdown"], "w") as f:
