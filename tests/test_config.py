@@ -104,3 +104,23 @@ def test_recipe_rejects_an_unknown_env():
         parse("experiments/configs/recipe.py:webshop")
     with pytest.raises(flags.IllegalFlagValueError, match="embedded default"):
         parse("experiments/configs/main.py:small")
+
+
+def test_algo_fields_reach_the_update_config_and_bad_ones_are_named():
+    """Every ``algo`` flag of the command line lands in the jitted update's AlgoConfig; an
+    invalid combination is refused before anything runs, naming the field."""
+    from actfocus_jax.train.config import ConfigError, algo_config_from, validate
+
+    c = parse(
+        "experiments/configs/main.py",
+        "--config.algo.algo=ppo",
+        "--config.algo.critic_warmup_steps=3",
+        "--config.actfocus.beta=0",
+        "--config.algo.kl_coef=0",
+    )
+    validate(c)
+    a = algo_config_from(c)
+    assert (a.algo, a.critic_warmup_steps, a.actfocus.beta, a.kl_coef) == ("ppo", 3, 0.0, 0.0)
+    bad = parse("experiments/configs/main.py", "--config.algo.critic_warmup_steps=3")
+    with pytest.raises(ConfigError, match=r"critic_warmup_steps.*algo=ppo"):
+        validate(bad)

@@ -6,6 +6,7 @@ for bit, and metrics are chex-checked.
 """
 
 import dataclasses
+import itertools
 
 import chex
 import jax
@@ -225,3 +226,48 @@ def test_make_optimizer_kinds_match_their_update_rules():
         np.testing.assert_allclose(got[t - 1], ref, rtol=1e-5)
     with pytest.raises(ValueError, match="adamw"):
         make_optimizer(lr, kind="lion")
+
+
+def test_critic_warmup_freezes_the_policy_until_its_step(rollout):
+    """PPO with ``critic_warmup_steps=2``: steps 0 and 1 change the critic only (policy and its
+    Adam state bit for bit), step 2 updates both, exactly as an update without warm-up would from
+    the same state; GRPO refuses the option (it has no critic)."""
+    model, batch = rollout
+    cfg = AlgoConfig(algo="ppo", group_size=GROUP, critic_warmup_steps=2)
+    graphdef, _ = nnx.split(model)
+    critic = value_model_from_policy(model)
+
+    def statics_of(c):
+        return TrainStatics(
+            policy_graphdef=graphdef,
+            critic_graphdef=nnx.split(critic)[0],
+            optimizer=make_optimizer(1e-3),
+            critic_optimizer=make_optimizer(1e-3),
+            config=c,
+        )
+
+    statics = statics_of(cfg)
+    state = init_train_state(model, statics, critic)
+    p0 = jax.tree.map(np.asarray, (state.params, state.opt_state))
+    critics = [jax.tree.map(np.asarray, state.critic_params)]
+    step = jax.jit(train_step, static_argnames="statics")
+    for k in range(2):
+        state, m = step(state, batch, jax.random.key(k), statics=statics)
+        chex.assert_trees_all_equal((state.params, state.opt_state), p0)
+        critics.append(jax.tree.map(np.asarray, state.critic_params))
+        assert float(m.critic_grad_norm) > 0
+    for before, after in itertools.pairwise(critics):  # the critic learns in both warm-up steps
+        moved = jax.tree.map(lambda a, b: bool(np.any(a != b)), before, after)
+        assert any(jax.tree.leaves(moved))
+    assert int(state.step) == 2
+    # Step 2: the policy moves, as the same update without warm-up moves it from this state.
+    plain = statics_of(dataclasses.replace(cfg, critic_warmup_steps=0))
+    s_warm, _ = step(state, batch, jax.random.key(2), statics=statics)
+    s_plain, _ = step(state, batch, jax.random.key(2), statics=plain)
+    chex.assert_trees_all_equal(s_warm.params, s_plain.params)
+    changed = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != b)), s_warm.params, p0[0])
+    assert all(jax.tree.leaves(changed))
+    with pytest.raises(ValueError, match="GRPO has no critic"):
+        AlgoConfig(algo="grpo", critic_warmup_steps=1)
+    with pytest.raises(ValueError, match=">= 0"):
+        AlgoConfig(algo="ppo", critic_warmup_steps=-1)

@@ -92,6 +92,10 @@ class AlgoConfig:
       shuffle_advantages: a control (GRPO only): permute the episodes' advantages across the batch
         before the update, so the update has the real run's sizes and token statistics but no
         reward signal; a run with it measures drift (what updates of this size do without signal).
+      critic_warmup_steps: PPO only: for the first ``n`` train steps (``TrainState.step < n``) only
+        the critic is updated; the policy and its optimiser state are kept (verl's
+        ``critic_warmup``). A fresh value head predicts ~0, so without it PPO's first advantages
+        are the raw returns, far from centred.
       actfocus: ActFocus weighting (``enabled=False`` = plain PPO / GRPO).
     """
 
@@ -118,6 +122,7 @@ class AlgoConfig:
     temperature: float = 1.0
     turn_baseline: bool = False
     shuffle_advantages: bool = False
+    critic_warmup_steps: int = 0
     actfocus: ActFocusConfig = dataclasses.field(default_factory=ActFocusConfig)
 
     def __post_init__(self) -> None:
@@ -152,6 +157,13 @@ class AlgoConfig:
             raise ValueError(
                 "shuffle_advantages is a GRPO control (episode-level advantages); PPO's per-token "
                 "GAE advantages cannot be permuted across episodes of different lengths"
+            )
+        if self.critic_warmup_steps < 0:
+            raise ValueError(f"critic_warmup_steps must be >= 0, got {self.critic_warmup_steps}")
+        if self.critic_warmup_steps and self.algo != "ppo":
+            raise ValueError(
+                "critic_warmup_steps trains PPO's critic alone first; GRPO has no critic "
+                "(set it to 0, or use algo=ppo)"
             )
         if self.dual_clip is not None and self.dual_clip <= 1:
             raise ValueError(f"dual_clip must be > 1 (or None), got {self.dual_clip}")
@@ -509,6 +521,13 @@ def train_step(
             else:
                 zero = jnp.zeros((), jnp.float32)
                 aux.update(value_loss=zero, value_clip_frac=zero, critic_grad_norm=zero)
+            if cfg.critic_warmup_steps:  # the policy waits while the critic warms up
+                warm = state.step < cfg.critic_warmup_steps
+                params, opt_state = jax.tree.map(
+                    lambda o, n: jnp.where(warm, o, n),
+                    (state.params, state.opt_state),
+                    (params, opt_state),
+                )
             new_state = state.replace(
                 params=params,
                 opt_state=opt_state,

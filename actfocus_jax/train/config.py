@@ -177,6 +177,7 @@ def algo_config_from(c: Any) -> AlgoConfig:
         entropy_coef=float(a.entropy_coef),
         vf_coef=float(a.vf_coef),
         value_clip=float(a.value_clip) if a.value_clip else None,
+        critic_warmup_steps=int(a.get("critic_warmup_steps", 0)),
         epochs=int(a.epochs),
         num_minibatches=int(a.num_minibatches),
         temperature=float(c.rollout.temperature),

@@ -109,6 +109,8 @@ def get_base_config(env: str = "sokoban", model: str = "tiny") -> ml_collections
     # A control run: permute the episodes' GRPO advantages across the batch (no reward signal,
     # same update sizes), to tell learning from drift.
     c.algo.shuffle_advantages = False
+    # PPO: train steps at the start in which only the critic learns (the policy waits).
+    c.algo.critic_warmup_steps = 0
 
     c.actfocus = ml_collections.ConfigDict()
     c.actfocus.enabled = True
