@@ -115,12 +115,14 @@ def test_algo_fields_reach_the_update_config_and_bad_ones_are_named():
         "experiments/configs/main.py",
         "--config.algo.algo=ppo",
         "--config.algo.critic_warmup_steps=3",
+        "--config.algo.whiten_advantages=true",
         "--config.actfocus.beta=0",
         "--config.algo.kl_coef=0",
     )
     validate(c)
     a = algo_config_from(c)
-    assert (a.algo, a.critic_warmup_steps, a.actfocus.beta, a.kl_coef) == ("ppo", 3, 0.0, 0.0)
+    assert (a.algo, a.critic_warmup_steps, a.whiten_advantages) == ("ppo", 3, True)
+    assert (a.actfocus.beta, a.kl_coef) == (0.0, 0.0)
     bad = parse("experiments/configs/main.py", "--config.algo.critic_warmup_steps=3")
     with pytest.raises(ConfigError, match=r"critic_warmup_steps.*algo=ppo"):
         validate(bad)

@@ -271,3 +271,25 @@ def test_critic_warmup_freezes_the_policy_until_its_step(rollout):
         AlgoConfig(algo="grpo", critic_warmup_steps=1)
     with pytest.raises(ValueError, match=">= 0"):
         AlgoConfig(algo="ppo", critic_warmup_steps=-1)
+
+
+def test_whitened_ppo_advantages_match_the_float64_reference(rollout):
+    """``whiten_advantages``: the update's advantages are the raw GAE advantages of the same
+    critic whitened over the batch's loss tokens (NumPy float64 reference), the critic's targets
+    (returns) unchanged; GRPO refuses the option."""
+    import np_reference as ref
+
+    model, batch = rollout
+    raw = AlgoConfig(algo="ppo", group_size=GROUP)
+    _, _, m_raw = _update(model, batch, raw)
+    _, _, m_white = _update(model, batch, dataclasses.replace(raw, whiten_advantages=True))
+    mask = np.asarray(batch.loss_mask)
+    a_raw = np.asarray(m_raw.tokens.advantages, np.float64)
+    assert abs(a_raw[mask].mean()) > 0.1  # the fresh critic leaves the raw advantages uncentred
+    want = ref.masked_whiten(a_raw, mask)
+    np.testing.assert_allclose(np.asarray(m_white.tokens.advantages), want, atol=2e-5)
+    np.testing.assert_allclose(float(m_white.adv_mean), 0.0, atol=1e-5)
+    np.testing.assert_allclose(float(m_white.adv_std), np.std(want[mask]), rtol=1e-4)
+    chex.assert_trees_all_equal(m_white.tokens.returns, m_raw.tokens.returns)
+    with pytest.raises(ValueError, match="already normalised per group"):
+        AlgoConfig(algo="grpo", whiten_advantages=True)

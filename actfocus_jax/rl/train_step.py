@@ -43,6 +43,7 @@ from actfocus_jax.rl.advantages import (
     gae,
     grpo_advantages,
     grpo_turn_advantages,
+    masked_whiten,
 )
 from actfocus_jax.rl.losses import (
     LOSS_AGG_MODES,
@@ -96,6 +97,10 @@ class AlgoConfig:
         the critic is updated; the policy and its optimiser state are kept (verl's
         ``critic_warmup``). A fresh value head predicts ~0, so without it PPO's first advantages
         are the raw returns, far from centred.
+      whiten_advantages: PPO only: whiten the GAE advantages over the batch's loss tokens
+        (:func:`~actfocus_jax.rl.advantages.masked_whiten`: zero mean, unit variance; verl and TRL
+        do this by default). Without it, a critic that misses the mean return leaves every token's
+        advantage with the same sign.
       actfocus: ActFocus weighting (``enabled=False`` = plain PPO / GRPO).
     """
 
@@ -123,6 +128,7 @@ class AlgoConfig:
     turn_baseline: bool = False
     shuffle_advantages: bool = False
     critic_warmup_steps: int = 0
+    whiten_advantages: bool = False
     actfocus: ActFocusConfig = dataclasses.field(default_factory=ActFocusConfig)
 
     def __post_init__(self) -> None:
@@ -164,6 +170,11 @@ class AlgoConfig:
             raise ValueError(
                 "critic_warmup_steps trains PPO's critic alone first; GRPO has no critic "
                 "(set it to 0, or use algo=ppo)"
+            )
+        if self.whiten_advantages and self.algo != "ppo":
+            raise ValueError(
+                "whiten_advantages whitens PPO's GAE advantages; GRPO's are already normalised per "
+                "group (normalize_std)"
             )
         if self.dual_clip is not None and self.dual_clip <= 1:
             raise ValueError(f"dual_clip must be > 1 (or None), got {self.dual_clip}")
@@ -371,6 +382,8 @@ def _advantages(
             mask, kl_penalty(batch.old_logp, ref_logp, cfg.kl_kind), 0.0
         )
     adv, returns = gae(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam)
+    if cfg.whiten_advantages:  # the returns (critic targets) stay those of the raw advantages
+        adv = masked_whiten(adv, mask)
     return adv, returns, values
 
 

@@ -111,6 +111,8 @@ def get_base_config(env: str = "sokoban", model: str = "tiny") -> ml_collections
     c.algo.shuffle_advantages = False
     # PPO: train steps at the start in which only the critic learns (the policy waits).
     c.algo.critic_warmup_steps = 0
+    # PPO: whiten the GAE advantages over the batch (verl / TRL default; off = raw GAE).
+    c.algo.whiten_advantages = False
 
     c.actfocus = ml_collections.ConfigDict()
     c.actfocus.enabled = True
