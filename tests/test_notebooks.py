@@ -238,23 +238,38 @@ def test_results_notebook(tiny_run, kernel_env, monkeypatch, tmp_path):
     with open(os.path.join(tiny_run["run"], "rl", "final_per_task.json")) as f:
         final = json.load(f)
     (tmp_path / "base.json").write_text(json.dumps({m: [0.0] * len(v) for m, v in final.items()}))
+    # A reference run of seed 0 that solved every held-out task: the real run's difference from
+    # it is its own success rate minus 1 (the fake runs have no per-task results: unmatched).
+    ref = tmp_path / "ref" / "actfocus.enabled=false,seed=0"
+    write_fake_run(ref, (1.0,), 1.0, steps=2, eval_every=2)
+    (ref / "rl" / "final_per_task.json").write_text(
+        json.dumps({m: [1.0] * len(v) for m, v in final.items()})
+    )
     env = dict(
         kernel_env,
         ACTFOCUS_NB_RUN_DIRS=tiny_run["run"],
         ACTFOCUS_NB_SWEEP_DIR=str(tiny_run["sweep"]),
         ACTFOCUS_NB_BASELINE=str(tmp_path / "base.json"),
+        ACTFOCUS_NB_REFERENCE_RUNS=str(ref),
     )
     data, text = _execute("results.ipynb", env, monkeypatch, NOTEBOOKS)
     images = [d for d in data if "image/png" in d]
     tables = [d["text/markdown"] for d in data if "text/markdown" in d]
-    # learning curves, per-variant bars, held-out gains, seed-mean curves
-    assert len(images) >= 4
+    # learning curves, per-variant bars, held-out gains, differences from the reference, seed means
+    assert len(images) >= 5
     assert any(t.startswith("| run | metric") for t in tables)
     agg_table = next(t for t in tables if t.startswith("| variant | metric"))
     assert "actfocus.enabled=false | greedy/success | 2 |" in agg_table
     gain_table = next(t for t in tables if t.startswith("| variant | seed"))
     row = next(x for x in gain_table.splitlines() if x.startswith("| actfocus.enabled=true | 0 |"))
     assert f"{np.mean(final['greedy']):+.3f}" in row
+    modes = " / ".join(m for m in ("greedy", "sampled") if m in final)
+    per_seed = next(t for t in tables if t.startswith(f"| variant | seed 0 {modes} gain |"))
+    assert per_seed.splitlines()[2].startswith("| actfocus.enabled=true | ")
+    ref_table = [t for t in tables if t.startswith("| variant | seed |")][1]
+    row = next(x for x in ref_table.splitlines() if x.startswith("| actfocus.enabled=true | 0 |"))
+    assert f"{np.mean(final['greedy']) - 1.0:+.3f}" in row
+    assert "no reference of their seed: actfocus.enabled=false,seed=0" in text
     assert "1 runs" in text
 
 
