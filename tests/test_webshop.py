@@ -287,6 +287,24 @@ def test_pages_and_navigation(env):
     assert state.page == "search" and state.num_actions == 8 and not ts.done
 
 
+def test_every_listed_action_is_valid_on_every_page(env):
+    """Random walks over the listed actions (with the reference query on the search page): every
+    action the page lists is accepted (no penalty, no invalid count) on every page type, the
+    description / features pages included."""
+    rng = random.Random(0)
+    pages = set()
+    for gi in env.goals("train")[:30]:
+        state, ts = env.reset(gi)
+        query = env.solve(gi)[0]
+        while not ts.done:
+            listed = env.available_actions(state)
+            action = query if state.page == "search" else rng.choice(listed)
+            pages.add(state.page)
+            state, ts = env.step(state, [action])
+            assert ts.invalid_action == 0 and ts.reward >= 0, (state.page, action, listed)
+    assert pages >= {"search", "results", "item", "description", "features"}
+
+
 def test_invalid_action_penalty_no_move(env):
     state0, _ = env.reset(3)
     for bad in ("click[buy now]", "search[]", "hello", "<answer>jump</answer>", ""):

@@ -399,7 +399,7 @@ class WebShopEnv:
             return [SEARCH_ACTION]
         labels = []
         for label, (effect, arg) in self._clickables(state).items():
-            if effect == "item":
+            if effect == "item" and state.page == "results":  # (on sub-pages "< prev" is the label)
                 labels.append(arg)
             elif effect == "option":
                 labels.append(arg[1])
