@@ -21,6 +21,9 @@ after the last response, ``generated`` True on response tokens, ``turn_ids`` as 
 (0-based: ``response_{t+1}`` and the chunk before it, ``[first_prefix obs_1 first_suffix]`` or
 ``[turn_prefix obs_{t+1} turn_suffix]``, are turn ``t``) and roles from :func:`actfocus_jax.rollout.masks.compute_roles`.
 
+WebShop, a host env, has its own generator with the same interface and token layout
+(:mod:`actfocus_jax.data.webshop_demos`; :func:`make_demo_generator` picks it).
+
 Dataset (:class:`SftDemos`, a ``GeneratorBasedBuilder`` written as ``array_record`` and read with
 ``tfds.data_source``): demonstrations of tasks drawn from the TRAIN split of the project's task set
 (:func:`actfocus_jax.data.tasks.build_task_set`), so that no test task is ever demonstrated. Splits:
@@ -59,6 +62,7 @@ __all__ = [
     "demo_splits",
     "generate_demos",
     "load_sft_batches",
+    "make_demo_generator",
     "make_sft_batch",
 ]
 
@@ -299,6 +303,17 @@ def _demo_rng(seed: int, task_id: int, rep: int) -> tuple[np.random.Generator, n
     return rng, key
 
 
+def make_demo_generator(env: Any, **kwargs: Any) -> Any:
+    """The demonstration generator of ``env``: :class:`DemoGenerator` for a JAX env,
+    :class:`actfocus_jax.data.webshop_demos.WebShopDemoGenerator` for the host WebShop env (same
+    keyword arguments and ``episode`` interface)."""
+    if getattr(env, "is_host_env", False):
+        from actfocus_jax.data.webshop_demos import WebShopDemoGenerator
+
+        return WebShopDemoGenerator(env, **kwargs)
+    return DemoGenerator(env, **kwargs)
+
+
 def generate_demos(
     env: Any,
     tasks: Any,
@@ -309,14 +324,15 @@ def generate_demos(
     seed: int = 0,
     generator: DemoGenerator | None = None,
 ) -> list[DemoEpisode]:
-    """Demonstrations of a batch of tasks (leading axis ``N``), ``demos_per_task`` each.
+    """Demonstrations of a batch of tasks (leading axis ``N``; for WebShop an array of goal
+    indices), ``demos_per_task`` each.
 
     Each demo's randomness (noise and the reset key) comes from ``(seed, task_id, repetition)``, so a
     demo does not depend on which other tasks are in the batch. Tasks already done at reset are
     skipped. Pass a ``generator`` of ``env`` to reuse its compiled functions (``epsilon`` still
     applies).
     """
-    gen = generator or DemoGenerator(env, epsilon=epsilon)
+    gen = generator or make_demo_generator(env, epsilon=epsilon)
     out: list[DemoEpisode] = []
     for i, task_id in enumerate(task_ids):
         task = jax.tree.map(lambda x, i=i: np.asarray(x)[i], tasks)
@@ -339,7 +355,10 @@ class SftDemosConfig(tfds.core.BuilderConfig):
     """Settings of a demonstration dataset.
 
     Attributes:
-      env: environment name for :func:`actfocus_jax.envs.make`.
+      env: environment name for :func:`actfocus_jax.envs.make` (``"webshop"``: demos of the train
+        goals of its goal set, :mod:`actfocus_jax.data.webshop_goals`, played by
+        :class:`actfocus_jax.data.webshop_demos.WebShopDemoGenerator`; the ``task_*`` settings
+        are then unused).
       env_options: the env's keyword options (frozen as a sorted tuple of items).
       num_tasks: train-split tasks demonstrated (drawn at random with ``seed``).
       demos_per_task: episodes per task.
@@ -448,15 +467,31 @@ class SftDemos(tfds.core.GeneratorBasedBuilder):
         cfg = self.builder_config
         if cfg.tokenizer != "embedded":
             raise ValueError(f"SftDemos supports tokenizer='embedded' only, got {cfg.tokenizer!r}")
-        tasks, ids, _ = load_tasks(self.task_set(), "train")
+        if cfg.env == "webshop":  # a host env: the tasks are goal indices of its goal set
+            from actfocus_jax.data.webshop_goals import (
+                build_webshop_goals,
+                goal_set_options,
+                load_goal_indices,
+                webshop_env_options,
+            )
+
+            opts = dict(cfg.env_options)
+            goals = build_webshop_goals(self.data_dir_root, env_options=goal_set_options(opts))
+            ids = load_goal_indices(goals, "train")
+            tasks = ids
+            env = make(cfg.env, **webshop_env_options(opts))
+        else:
+            tasks, ids, _ = load_tasks(self.task_set(), "train")
+            env = make(cfg.env, **dict(cfg.env_options))
         if cfg.num_tasks > len(ids):
             raise TaskSetError(
                 f"num_tasks={cfg.num_tasks} exceeds the task set's {len(ids)} train tasks; "
                 "raise task_num_train"
             )
         order = np.random.default_rng(cfg.seed).permutation(len(ids))[: cfg.num_tasks]
-        env = make(cfg.env, **dict(cfg.env_options))
-        gen = DemoGenerator(env, epsilon=cfg.epsilon, prompt=cfg.prompt, reasoning=cfg.reasoning)
+        gen = make_demo_generator(
+            env, epsilon=cfg.epsilon, prompt=cfg.prompt, reasoning=cfg.reasoning
+        )
         sizes = demo_splits(cfg.num_tasks, cfg.val_fraction)
         out, start = {}, 0
         for split in DEMO_SPLITS:
@@ -468,7 +503,7 @@ class SftDemos(tfds.core.GeneratorBasedBuilder):
             out[split] = self._generate_examples(gen, sub, ids[rows])
         return out
 
-    def _generate_examples(self, gen: DemoGenerator, tasks: Any, ids: np.ndarray) -> Iterator:
+    def _generate_examples(self, gen: Any, tasks: Any, ids: np.ndarray) -> Iterator:
         cfg = self.builder_config
         demos = generate_demos(
             gen.env,

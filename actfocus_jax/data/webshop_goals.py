@@ -37,7 +37,9 @@ __all__ = [
     "WebShopGoalsConfig",
     "build_webshop_goals",
     "goal_example",
+    "goal_set_options",
     "load_goal_indices",
+    "webshop_env_options",
 ]
 
 SPLITS = ("train", "test")
@@ -80,6 +82,28 @@ def _check_options(options: Mapping[str, Any]) -> dict[str, Any]:
     if options.get("data_path") is not None:
         options["data_path"] = os.fspath(options["data_path"])
     return options
+
+
+#: The options that define the catalog and its splits (and so the goal set).
+CATALOG_OPTIONS = ("data_path", "seed", "num_products", "num_goals", "test_fraction", "split_seed")
+
+
+def webshop_env_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The project's generic env options mapped onto WebShop's argument names
+    (``max_actions_per_episode`` -> ``max_actions``; ``max_turns`` dropped: WebShop's turn cap is
+    its action cap)."""
+    out = dict(options)
+    if "max_actions_per_episode" in out:
+        out["max_actions"] = out.pop("max_actions_per_episode")
+    out.pop("max_turns", None)
+    return out
+
+
+def goal_set_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The subset of env options that defines the goal set (:data:`CATALOG_OPTIONS`): episode
+    limits do not change the goals (the stored reference solutions use the env's default action
+    budget), so runs with different limits share one goal set."""
+    return {k: v for k, v in options.items() if k in CATALOG_OPTIONS}
 
 
 def _make_env(options: Mapping[str, Any]) -> Any:

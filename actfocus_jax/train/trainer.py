@@ -24,7 +24,12 @@ import numpy as np
 from flax import nnx
 
 from actfocus_jax import envs
-from actfocus_jax.data.webshop_goals import build_webshop_goals, load_goal_indices
+from actfocus_jax.data.webshop_goals import (
+    build_webshop_goals,
+    goal_set_options,
+    load_goal_indices,
+    webshop_env_options,
+)
 from actfocus_jax.models import CausalLM, get_config, load_pretrained, save_pretrained
 from actfocus_jax.models.transformer import init_model, set_scan_unroll, value_model_from_policy
 from actfocus_jax.rl.train_step import (
@@ -129,7 +134,7 @@ class Experiment:
         if self._env is None:
             opts = env_options_from(self.config)
             if self.is_host_env:
-                opts = _webshop_options(opts)
+                opts = webshop_env_options(opts)
             self._env = envs.make(self.config.env.name, tokenizer=self.tokenizer, **opts)
         return self._env
 
@@ -199,11 +204,7 @@ class Experiment:
     def goal_set(self):
         """The TFDS dataset of WebShop instructions (built on first use)."""
         if self._task_set is None:
-            # Only the options that define the catalog and its splits: episode limits do not change
-            # the goals (the stored reference solutions use the env's default action budget).
-            opts = env_options_from(self.config)
-            catalog_keys = ("data_path", "seed", "num_products", "num_goals", "test_fraction")
-            opts = {k: v for k, v in opts.items() if k in (*catalog_keys, "split_seed")}
+            opts = goal_set_options(env_options_from(self.config))
             self._task_set = build_webshop_goals(self.data_dir, env_options=opts)
         return self._task_set
 
@@ -488,15 +489,6 @@ def _schedule(lr: float, warmup: int):
     return optax.linear_schedule(0.0, lr, warmup)
 
 
-def _webshop_options(opts: dict[str, Any]) -> dict[str, Any]:
-    """Maps the generic env limits onto WebShop's argument names."""
-    out = dict(opts)
-    if "max_actions_per_episode" in out:
-        out["max_actions"] = out.pop("max_actions_per_episode")
-    out.pop("max_turns", None)
-    return out
-
-
 def _flat(prefix: str, tree: Any) -> dict[str, float]:
     from actfocus_jax.train.logging import flatten_metrics
 
@@ -696,11 +688,6 @@ def run_sft(exp: Experiment) -> dict[str, Any]:
     from actfocus_jax.train.sft import sft_step
 
     c = exp.config
-    if exp.is_host_env:
-        raise ValueError(
-            "SFT demonstrations are generated for the JAX environments (sokoban, frozenlake, "
-            "sudoku); for webshop start RL from --config.model.init=random or hf:<dir>"
-        )
     t0 = time.perf_counter()
     builder = build_sft_demos(c, exp.data_dir)
     t_data = time.perf_counter() - t0
