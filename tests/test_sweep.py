@@ -1,4 +1,6 @@
-"""experiments/sweep.py: grid parsing, products, unions of grids (one-factor ablations), dry run."""
+"""experiments/grid.py and experiments/sweep.py: grid parsing, products, unions of grids
+(one-factor ablations), dry run. (experiments.sweep itself defines absl flags, so it is only run
+as a subprocess here: importing it next to another entry point would define --config twice.)"""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import sys
 
 import pytest
 
-from experiments import sweep
+from experiments import grid as sweep
 
 
 def test_product_grid_in_order_with_seeds():
