@@ -55,6 +55,7 @@ from actfocus_jax.rollout.masks import compute_roles
 __all__ = [
     "DemoEpisode",
     "DemoGenerator",
+    "EpisodeBuilder",
     "SftBatches",
     "SftDemos",
     "SftDemosConfig",
@@ -127,6 +128,70 @@ class DemoEpisode:
             "num_actions": np.int32(self.num_actions),
             "noisy": bool(self.noisy),
         }
+
+
+class EpisodeBuilder:
+    """Accumulates one demonstration episode in the rollout engine's token layout (see the module
+    docstring): :meth:`observation` adds ``[first_prefix obs first_suffix]`` at turn 0 and
+    ``[turn_prefix obs turn_suffix]`` after, :meth:`response` a generated response, and
+    :meth:`finish` returns the :class:`DemoEpisode` (``roles`` unset). Shared by the JAX envs'
+    :class:`DemoGenerator` and WebShop's generator."""
+
+    def __init__(self, template: TurnTemplate):
+        self.template = template
+        self.tokens: list[int] = []
+        self.turn_ids: list[int] = []
+        self.generated: list[bool] = []
+        self.responses: list[str] = []
+        self.observations: list[str] = []
+        self.actions: list[Any] = []
+        self.rewards: list[float] = []
+
+    def _add(self, ids: Sequence[int], turn: int, gen: bool) -> None:
+        self.tokens.extend(int(i) for i in ids)
+        self.turn_ids.extend([turn] * len(ids))
+        self.generated.extend([gen] * len(ids))
+
+    def observation(self, obs_ids: Sequence[int], turn: int) -> None:
+        tpl = self.template
+        pre, suf = (
+            (tpl.first_prefix, tpl.first_suffix)
+            if turn == 0
+            else (tpl.turn_prefix, tpl.turn_suffix)
+        )
+        self._add([*pre, *obs_ids, *suf], turn, False)
+
+    def response(
+        self, text: str, ids: Sequence[int], turn: int, *, seen: str, actions: Any, reward: float
+    ) -> None:
+        """The response of ``turn`` (``seen``: the observation text it answers)."""
+        self._add(ids, turn, True)
+        self.responses.append(text)
+        self.observations.append(seen)
+        self.actions.append(actions)
+        self.rewards.append(float(reward))
+
+    def finish(
+        self, *, task_id: int, env_key: Any, success: bool, num_actions: int, noisy: bool
+    ) -> DemoEpisode:
+        turn_rewards = np.asarray(self.rewards, np.float32)
+        return DemoEpisode(
+            tokens=np.asarray(self.tokens, np.int32),
+            generated=np.asarray(self.generated, bool),
+            turn_ids=np.asarray(self.turn_ids, np.int32),
+            roles=None,
+            responses=self.responses,
+            observations=self.observations,
+            actions=self.actions,
+            turn_rewards=turn_rewards,
+            task_id=int(task_id),
+            env_key=np.asarray(env_key, np.uint32),
+            episode_return=float(turn_rewards.sum()),
+            success=bool(success),
+            num_turns=len(self.responses),
+            num_actions=int(num_actions),
+            noisy=bool(noisy),
+        )
 
 
 class DemoGenerator:
@@ -208,28 +273,17 @@ class DemoGenerator:
 
         ``epsilon`` overrides the generator's noise probability for this episode.
         """
-        env, tpl = self.env, self.template
+        env = self.env
         epsilon = self.epsilon if epsilon is None else float(epsilon)
         state, ts = self._reset(jnp.asarray(env_key), task)
         if bool(ts.done):
             return None
-        tokens: list[int] = []
-        turn_ids: list[int] = []
-        generated: list[bool] = []
-
-        def add(ids: Sequence[int], turn: int, gen: bool) -> None:
-            tokens.extend(int(i) for i in ids)
-            turn_ids.extend([turn] * len(ids))
-            generated.extend([gen] * len(ids))
-
-        obs = np.asarray(ts.obs_tokens)[: int(ts.obs_len)]
-        add([*tpl.first_prefix, *obs.tolist(), *tpl.first_suffix], 0, False)
-        responses, observations, all_actions, rewards = [], [], [], []
+        ep = EpisodeBuilder(self.template)
+        ep.observation(np.asarray(ts.obs_tokens)[: int(ts.obs_len)].tolist(), 0)
         noisy = False
         success = False
         for turn in range(env.max_turns):
             host = jax.device_get(state)
-            observations.append(env.render_text(host))
             actions, planned, turn_noisy = self._choose_actions(host, rng, epsilon)
             noisy |= turn_noisy
             text = format_response(
@@ -245,31 +299,23 @@ class DemoGenerator:
                     f"{env.name} demo response does not parse back to its actions {actions} "
                     f"(parsed {got}); words outside the vocabulary? {text!r}"
                 )
-            add(ids, turn, True)
-            responses.append(text)
-            all_actions.append(actions)
-            rewards.append(float(ts.reward))
+            ep.response(
+                text,
+                ids,
+                turn,
+                seen=env.render_text(host),
+                actions=actions,
+                reward=float(ts.reward),
+            )
             success = bool(ts.success)
             if bool(ts.done):
                 break
             if turn + 1 < env.max_turns:
-                obs = np.asarray(ts.obs_tokens)[: int(ts.obs_len)]
-                add([*tpl.turn_prefix, *obs.tolist(), *tpl.turn_suffix], turn + 1, False)
-        turn_rewards = np.asarray(rewards, np.float32)
-        return DemoEpisode(
-            tokens=np.asarray(tokens, np.int32),
-            generated=np.asarray(generated, bool),
-            turn_ids=np.asarray(turn_ids, np.int32),
-            roles=None,
-            responses=responses,
-            observations=observations,
-            actions=all_actions,
-            turn_rewards=turn_rewards,
-            task_id=int(task_id),
-            env_key=np.asarray(env_key, np.uint32),
-            episode_return=float(turn_rewards.sum()),
+                ep.observation(np.asarray(ts.obs_tokens)[: int(ts.obs_len)].tolist(), turn + 1)
+        return ep.finish(
+            task_id=task_id,
+            env_key=env_key,
             success=success,
-            num_turns=len(responses),
             num_actions=int(jax.device_get(state).num_actions),
             noisy=noisy,
         )

@@ -16,8 +16,9 @@ the current page* (so it recovers from a noisy action):
 
 With probability ``epsilon`` a turn's action is replaced by a different available action (never
 ``buy now`` and never a search: a noisy purchase or query would end or reset the episode rather
-than teach a recovery). The response is ``<think> {reasoning} </think><answer> {action}
-</answer>``; ``reasoning="state"`` describes the page only (page, item, selected options: the
+than teach a recovery). The response is ``<think> {reasoning} </think><answer>{action}</answer>``
+(:func:`actfocus_jax.data.reasoning.format_response`, as for the JAX envs; the episode is assembled
+by :class:`actfocus_jax.data.demos.EpisodeBuilder`); ``reasoning="state"`` describes the page only (page, item, selected options: the
 decision is made in the answer), ``"plan"`` adds why the answer's action is taken. The env is
 stepped with the response's own token ids, exactly as in a rollout, and the parsed action is
 checked against the intended one.
@@ -29,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from actfocus_jax.data.reasoning import REASONING_STYLES
+from actfocus_jax.data.reasoning import REASONING_STYLES, format_response
 from actfocus_jax.envs.webshop.env import BACK, BUY, NEXT, PREV, canonical, parse_action
 from actfocus_jax.rollout.engine import TurnTemplate, make_turn_template, system_prompt_for
 
@@ -188,13 +189,6 @@ class WebShopDemoGenerator:
         self.expert = WebShopExpert(env, reasoning)
         self._unk = env.tokenizer.token_to_id("<unk>")
 
-    def response_text(self, reasoning: str, action: str) -> str:
-        t = self.tokenizer.tags
-        return (
-            f"{t['think_open']} {reasoning} {t['think_close']}"
-            f"{t['answer_open']} {action} {t['answer_close']}"
-        )
-
     def episode(
         self,
         task: Any,
@@ -206,9 +200,9 @@ class WebShopDemoGenerator:
         """One episode of goal ``task`` (it ends unsolved when the action cap is too small); None if
         no search finds the goal product. ``env_key`` is recorded only (the env is
         deterministic)."""
-        from actfocus_jax.data.demos import DemoEpisode
+        from actfocus_jax.data.demos import EpisodeBuilder
 
-        env, tpl = self.env, self.template
+        env = self.env
         epsilon = self.epsilon if epsilon is None else float(epsilon)
         goal_index = int(np.asarray(task))
         try:
@@ -216,27 +210,20 @@ class WebShopDemoGenerator:
         except RuntimeError:
             return None
         state, ts = env.reset(goal_index)
-        tokens: list[int] = []
-        turn_ids: list[int] = []
-        generated: list[bool] = []
-
-        def add(ids, turn: int, gen: bool) -> None:
-            tokens.extend(int(i) for i in ids)
-            turn_ids.extend([turn] * len(ids))
-            generated.extend([gen] * len(ids))
-
-        add([*tpl.first_prefix, *ts.obs_tokens, *tpl.first_suffix], 0, False)
-        responses, observations, actions, rewards = [], [], [], []
+        ep = EpisodeBuilder(self.template)
+        ep.observation(ts.obs_tokens, 0)
         noisy = False
         for turn in range(env.max_turns):
-            observations.append(ts.obs_text)
+            seen = ts.obs_text
             action = self.expert.action(state)
             planned = True
             if rng.random() < epsilon:
                 other = self.expert.random_action(state, action, rng)
                 if other is not None:
                     action, planned, noisy = other, False, True
-            text = self.response_text(self.expert.reasoning(state, action, planned), action)
+            text = format_response(
+                self.expert.reasoning(state, action, planned), [action], self.tokenizer.tags
+            )
             ids = self.tokenizer.encode(text)
             if self._unk is not None and self._unk in ids:
                 raise RuntimeError(
@@ -250,29 +237,15 @@ class WebShopDemoGenerator:
                     f"webshop demo response does not parse back to its action {action!r} "
                     f"(parsed {ts.info['actions']}, invalid {ts.invalid_action}): {text!r}"
                 )
-            add(ids, turn, True)
-            responses.append(text)
-            actions.append([action])
-            rewards.append(float(ts.reward))
+            ep.response(text, ids, turn, seen=seen, actions=[action], reward=float(ts.reward))
             if ts.done:
                 break
             if turn + 1 < env.max_turns:
-                add([*tpl.turn_prefix, *ts.obs_tokens, *tpl.turn_suffix], turn + 1, False)
-        turn_rewards = np.asarray(rewards, np.float32)
-        return DemoEpisode(
-            tokens=np.asarray(tokens, np.int32),
-            generated=np.asarray(generated, bool),
-            turn_ids=np.asarray(turn_ids, np.int32),
-            roles=None,
-            responses=responses,
-            observations=observations,
-            actions=actions,
-            turn_rewards=turn_rewards,
-            task_id=int(task_id),
-            env_key=np.asarray(env_key, np.uint32),
-            episode_return=float(turn_rewards.sum()),
-            success=bool(ts.success),
-            num_turns=len(responses),
-            num_actions=int(state.num_actions),
+                ep.observation(ts.obs_tokens, turn + 1)
+        return ep.finish(
+            task_id=task_id,
+            env_key=env_key,
+            success=ts.success,
+            num_actions=state.num_actions,
             noisy=noisy,
         )
