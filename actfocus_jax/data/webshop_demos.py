@@ -52,34 +52,27 @@ class WebShopExpert:
         self._queries: dict[int, str] = {}
 
     def query(self, goal_index: int) -> str:
-        """The search query of ``env.solve``: the instruction's keywords, or the product's title
-        when those miss it (raises RuntimeError if both miss it). Unlike ``solve`` it ignores the
-        action budget, so a demo under a small cap still shows the right first actions."""
+        """The search query of ``env.solve`` (``env.target_searches``: the instruction's keywords,
+        or the product's title when those miss it; raises RuntimeError if both miss it). Unlike
+        ``solve`` it ignores the action budget, so a demo under a small cap still shows the right
+        first actions."""
         if goal_index not in self._queries:
-            env = self.env
-            goal = env.goal(goal_index)
-            for query in (env.instruction_query(goal), env.catalog.product(goal.asin).name):
-                if goal.asin in env.search_engine.search(query, env.num_results):
-                    self._queries[goal_index] = query
-                    break
-            else:
+            goal = self.env.goal(goal_index)
+            found = next(self.env.target_searches(goal), None)
+            if found is None:
                 raise RuntimeError(f"no search query finds the goal product {goal.asin}")
+            self._queries[goal_index] = found[0]
         return self._queries[goal_index]
 
     def _wanted_options(self, state: Any) -> list[str]:
-        """Goal option values of the open (target) item not selected yet, in the goal's order."""
-        env = self.env
-        goal = env.goal(state.goal_index)
-        product = env.catalog.product(goal.asin)
+        """Goal option values of the open (target) item not selected yet, in the goal's order
+        (those ``env.solve`` clicks)."""
         selected = dict(state.selected)
-        out = []
-        for name, value in goal.options:
-            names = [n for n, vals in product.options if value in vals]
-            if not names or (name and name not in names):
-                continue  # the product does not offer it (solve skips it too)
-            if all(selected.get(n) != value for n in names):
-                out.append(value)
-        return out
+        return [
+            value
+            for value, names in self.env.goal_options(self.env.goal(state.goal_index))
+            if all(selected.get(n) != value for n in names)
+        ]
 
     def action(self, state: Any) -> str:
         env = self.env

@@ -47,7 +47,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -576,6 +576,27 @@ class WebShopEnv:
         """Search keywords of an instruction: the text before the price clause."""
         return goal.instruction.split(", and price")[0].strip()
 
+    def goal_options(self, goal: Goal) -> list[tuple[str, tuple[str, ...]]]:
+        """The goal's option values that its product offers, in the goal's order, each with the
+        product's option names that list the value (a value the product does not offer, or offers
+        under a different name than the goal's, is left out: no click can choose it)."""
+        product = self.catalog.product(goal.asin)
+        out = []
+        for name, value in goal.options:
+            names = tuple(n for n, vals in product.options if value in vals)
+            if names and (name in names or not name):
+                out.append((value, names))
+        return out
+
+    def target_searches(self, goal: Goal) -> Iterator[tuple[str, tuple[str, ...]]]:
+        """``(query, results)`` of the reference searches whose results contain the goal's
+        product, in the order ``solve`` tries them: the instruction's keywords, then the title
+        (lazily: the title is searched only if the caller asks for a second one)."""
+        for query in (self.instruction_query(goal), self.catalog.product(goal.asin).name):
+            results = tuple(self.search_engine.search(query, self.num_results))
+            if goal.asin in results:
+                yield query, results
+
     def solve(self, goal: Goal | int) -> list[str]:
         """Reference solution: search the instruction's keywords (or, if the target is not among the
         results within the action budget, its title), page to the target, click it, choose the goal
@@ -589,16 +610,8 @@ class WebShopEnv:
         """
         if isinstance(goal, int):
             goal = self.goal(goal)
-        product = self.catalog.product(goal.asin)
-        option_actions = []
-        for name, value in goal.options:
-            names = [n for n, vals in product.options if value in vals]
-            if names and (name in names or not name):
-                option_actions.append(f"click[{value}]")
-        for query in (self.instruction_query(goal), product.name):
-            results = self.search_engine.search(query, self.num_results)
-            if goal.asin not in results:
-                continue
+        option_actions = [f"click[{value}]" for value, _ in self.goal_options(goal)]
+        for query, results in self.target_searches(goal):
             page = results.index(goal.asin) // self.results_per_page
             actions = [f"search[{query}]"] + ["click[next >]"] * page
             actions += [f"click[{goal.asin}]", *option_actions, "click[buy now]"]
