@@ -666,6 +666,11 @@ def markdown_table(agg: Mapping[str, Any], digits: int = 3) -> str:
     return "\n".join(lines)
 
 
+def _excludes_zero(g: Mapping[str, Any]) -> bool:
+    """Whether the interval of a :func:`mean_ci` dict lies entirely above or below 0."""
+    return g.get("lo") is not None and (g["lo"] > 0 or g["hi"] < 0)
+
+
 def _gain_cell(g: Mapping[str, Any], digits: int = 3) -> str:
     """``+0.038 [+0.017, +0.059]``, bold when the interval excludes 0."""
     if g.get("mean") is None:
@@ -673,7 +678,16 @@ def _gain_cell(g: Mapping[str, Any], digits: int = 3) -> str:
     if g.get("lo") is None:
         return f"{g['mean']:+.{digits}f}"
     s = f"{g['mean']:+.{digits}f} [{g['lo']:+.{digits}f}, {g['hi']:+.{digits}f}]"
-    return f"**{s}**" if g["lo"] > 0 or g["hi"] < 0 else s
+    return f"**{s}**" if _excludes_zero(g) else s
+
+
+def _mean_t_cell(ci: Mapping[str, Any] | None, digits: int = 3) -> str:
+    """``+0.063 ± 0.161`` (the mean over seeds ± the t half-width; the mean alone for n = 1)."""
+    if ci is None or ci["mean"] is None:
+        return "-"
+    if ci["half_width"] is None:
+        return f"{ci['mean']:+.{digits}f}"
+    return f"{ci['mean']:+.{digits}f} ± {ci['half_width']:.{digits}f}"
 
 
 def held_out_gain_markdown(hg: Mapping[str, Any], digits: int = 3) -> str:
@@ -700,15 +714,7 @@ def held_out_gain_markdown(hg: Mapping[str, Any], digits: int = 3) -> str:
     lines.append("|" + "---|" * (2 + len(modes)))
     for variant, gains in hg.get("variants", {}).items():
         n = max((ci["n"] for ci in gains.values()), default=0)
-        cells = []
-        for m in modes:
-            ci = gains.get(m)
-            if ci is None or ci["mean"] is None:
-                cells.append("-")
-            elif ci["half_width"] is None:
-                cells.append(f"{ci['mean']:+.{digits}f}")
-            else:
-                cells.append(f"{ci['mean']:+.{digits}f} ± {ci['half_width']:.{digits}f}")
+        cells = [_mean_t_cell(gains.get(m), digits) for m in modes]
         lines.append(_md_row([variant, str(n), *cells]))
     return "\n".join(lines)
 
@@ -733,8 +739,7 @@ def gain_by_seed_markdown(hg: Mapping[str, Any], digits: int = 3) -> str:
         if g is None or g.get("mean") is None:
             return "-"
         s = f"{g['mean']:+.{digits}f}"
-        lo, hi = g.get("lo"), g.get("hi")
-        return f"**{s}**" if lo is not None and (lo > 0 or hi < 0) else s
+        return f"**{s}**" if _excludes_zero(g) else s
 
     slash = " / ".join(modes)
     header = ["variant"] + [f"seed {s} {slash} gain" for s in seeds]
@@ -745,14 +750,8 @@ def gain_by_seed_markdown(hg: Mapping[str, Any], digits: int = 3) -> str:
         for s in seeds:
             g = by_variant[variant].get(s)
             row.append("-" if g is None else " / ".join(bold_mean(g.get(m)) for m in modes))
-        for m in modes:
-            ci = hg.get("variants", {}).get(variant, {}).get(m)
-            if ci is None or ci["mean"] is None:
-                row.append("-")
-            elif ci["half_width"] is None:
-                row.append(f"{ci['mean']:+.{digits}f}")
-            else:
-                row.append(f"{ci['mean']:+.{digits}f} ± {ci['half_width']:.{digits}f}")
+        variant_cis = hg.get("variants", {}).get(variant, {})
+        row += [_mean_t_cell(variant_cis.get(m), digits) for m in modes]
         lines.append(_md_row(row))
     return "\n".join(lines)
 
