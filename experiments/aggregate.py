@@ -24,9 +24,9 @@ the main job's ``warm_start_per_task.json``); every run's final policy (``rl/fin
 then gets its held-out gain paired by task, and every variant the mean and t-interval of those
 gains over seeds (:func:`actfocus_jax.analysis.results.held_out_gains`), under ``"held_out_gain"``.
 
-``--reference_run`` (repeated): the runs of a reference variant, one per seed (e.g. the default config's runs
-for a one-factor ablation, or GRPO's for ActFocus-GRPO); every other run then gets its held-out
-difference from the reference of its own seed, paired by task
+``--reference_run`` (repeated): the runs of a reference variant, one per seed (e.g. the default
+config's runs for a one-factor ablation, or GRPO's for ActFocus-GRPO); every other run then gets
+its held-out difference from the reference of its own seed, paired by task
 (:func:`actfocus_jax.analysis.results.reference_gains`), under ``"reference_gain"``.
 """
 

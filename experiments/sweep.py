@@ -5,9 +5,10 @@
         [--init=hf:runs/x/sft] [--dry_run]
 
 ``--grid="actfocus.alpha=0,0.3|actfocus.beta=0|actfocus.scope=turn"`` is a union of grids (``|``
-between them): a one-factor-at-a-time ablation, each run changing one field of the config, in the
-order written (duplicates run once). Runs ``python -m experiments.train`` for every combination (one after another, or ``--parallel``
-processes at a time); run directories are named after their overrides, e.g.
+between them, see :mod:`experiments.grid`): a one-factor-at-a-time ablation, each run changing one
+field of the config, in the order written (duplicates run once). Runs ``python -m
+experiments.train`` for every combination (one after another, or ``--parallel`` processes at a
+time); run directories are named after their overrides, e.g.
 ``runs/sweep/actfocus.alpha=0.1,algo.algo=ppo,seed=2``. A run that already finished (its
 ``rl/summary.json`` exists) is skipped, so an interrupted sweep can be restarted.
 """
