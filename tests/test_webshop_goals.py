@@ -86,3 +86,21 @@ def test_bad_split_name_and_bad_options(built, tmp_path):
         build_webshop_goals(tmp_path, env_options={"no_such_option": 1})
     with pytest.raises(TaskSetError, match="no goals"):
         build_webshop_goals(tmp_path, env_options={"num_goals": 1, "num_products": 5})
+
+
+def test_goal_set_options_keep_every_catalog_option_and_drop_episode_limits(tmp_path):
+    from actfocus_jax.data.webshop_goals import goal_set_options
+
+    catalog = {"data_path": str(tmp_path), "seed": 1, "num_products": 9, "test_fraction": 0.5}
+    episode = {"max_actions": 4, "format_penalty": -1.0, "max_obs_len": 300}
+    # Real WebShop data: human_goals chooses the instructions, so it names a different goal set.
+    for human_goals in (True, False):
+        options = {**catalog, "human_goals": human_goals, **episode}
+        assert goal_set_options(options) == {**catalog, "human_goals": human_goals}
+    synthetic = {"seed": 2, "num_products": 9, "num_goals": 20, "split_seed": 3}
+    assert goal_set_options({**synthetic, **episode}) == synthetic
+    # Every option the env takes as a catalog option (either source) defines the goal set.
+    from actfocus_jax.envs.webshop import REAL_CATALOG_OPTIONS, SYNTHETIC_CATALOG_OPTIONS
+
+    every = dict.fromkeys(SYNTHETIC_CATALOG_OPTIONS + REAL_CATALOG_OPTIONS, 0)
+    assert goal_set_options(every) == every

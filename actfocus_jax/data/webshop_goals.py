@@ -31,6 +31,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from actfocus_jax.data.tasks import TaskSetError
+from actfocus_jax.envs.webshop import REAL_CATALOG_OPTIONS, SYNTHETIC_CATALOG_OPTIONS
 
 __all__ = [
     "WebShopGoals",
@@ -84,8 +85,12 @@ def _check_options(options: Mapping[str, Any]) -> dict[str, Any]:
     return options
 
 
-#: The options that define the catalog and its splits (and so the goal set).
-CATALOG_OPTIONS = ("data_path", "seed", "num_products", "num_goals", "test_fraction", "split_seed")
+#: The options that define the catalog and its splits (and so the goal set): ``data_path`` and
+#: every catalog option of the synthetic catalog or of real WebShop data (``human_goals``).
+CATALOG_OPTIONS = (
+    "data_path",
+    *dict.fromkeys(SYNTHETIC_CATALOG_OPTIONS + REAL_CATALOG_OPTIONS),
+)
 
 
 def webshop_env_options(options: Mapping[str, Any]) -> dict[str, Any]:

@@ -29,6 +29,8 @@ from actfocus_jax.envs.webshop.synthetic import synthetic_catalog
 
 __all__ = [
     "ENV_CLASS",
+    "REAL_CATALOG_OPTIONS",
+    "SYNTHETIC_CATALOG_OPTIONS",
     "Catalog",
     "CatalogError",
     "Goal",
@@ -48,8 +50,10 @@ __all__ = [
     "synthetic_catalog",
 ]
 
-_CATALOG_KEYS = ("seed", "num_products", "num_goals", "test_fraction", "split_seed")
-_LOADER_KEYS = ("human_goals", "num_products", "seed", "test_fraction", "split_seed")
+#: The options that define a catalog, its goals and its splits: for the synthetic catalog
+#: (:func:`synthetic_catalog`) and for real WebShop data (:func:`load_catalog`).
+SYNTHETIC_CATALOG_OPTIONS = ("seed", "num_products", "num_goals", "test_fraction", "split_seed")
+REAL_CATALOG_OPTIONS = ("human_goals", "num_products", "seed", "test_fraction", "split_seed")
 
 
 class WebShopFromOptions(WebShopEnv):
@@ -69,7 +73,7 @@ class WebShopFromOptions(WebShopEnv):
     def __init__(
         self, *, data_path: str | None = None, catalog: Catalog | None = None, **options: Any
     ):
-        keys = _LOADER_KEYS if data_path is not None else _CATALOG_KEYS
+        keys = REAL_CATALOG_OPTIONS if data_path is not None else SYNTHETIC_CATALOG_OPTIONS
         cat_opts = {k: options.pop(k) for k in keys if k in options}
         if catalog is None:
             if data_path is not None:
