@@ -409,10 +409,12 @@ def test_pad_multiple_trims_padding_columns_and_keeps_the_sft_loss(built):
 
 def test_truncation_is_counted_and_warned(built):
     _, _, builder = built
-    it = SftBatches(builder, 4, 64, seed=0, end_epoch=1)
-    with pytest.warns(UserWarning, match="truncated"):
+    it = SftBatches(builder, 4, 64, seed=0, end_epoch=2)
+    with pytest.warns(UserWarning, match="truncated") as record:
         batches = list(it)
-    assert it.num_truncated == 8
+    assert it.num_truncated == 16 and it.num_served == 2 * it.size
+    # One warning per epoch that truncates, not one per batch.
+    assert len([w for w in record if "truncated" in str(w.message)]) == 2
     assert all(b["valid"].all() for b in batches)
     batch, n = make_sft_batch([], 2, 8, pad_id=0)
     assert n == 0 and not batch["valid"].any() and np.all(batch["roles"] == Role.PAD)

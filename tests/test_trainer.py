@@ -217,6 +217,8 @@ def test_main_job_reports_the_held_out_gain_paired_by_task(tmp_path):
         },
     )
     result = run_main(c)
+    assert result["sft"]["demos_served"] == 2 * 2  # steps x batch size
+    assert 0 <= result["sft"]["demos_truncated"] <= 4
     with open(os.path.join(c.workdir, "main_result.json")) as f:
         assert json.load(f)["held_out_gain"] == json.loads(json.dumps(result["held_out_gain"]))
     warm_path = os.path.join(c.workdir, "warm_start_per_task.json")

@@ -695,7 +695,8 @@ class SftBatches:
     the demos of the current epoch already served, so ``(epoch, index)`` (see :attr:`position`,
     :meth:`state_dict`, :meth:`load_state_dict`) restores the stream exactly. The last batch of an
     epoch is filled with padding rows (all ``valid`` False) unless ``drop_remainder``. Demos longer
-    than ``max_len`` are truncated; :attr:`num_truncated` counts them and a warning is issued.
+    than ``max_len`` are truncated; :attr:`num_truncated` counts them (of :attr:`num_served`) and
+    a warning is issued in each epoch that truncates one (not in every batch).
 
     Args:
       builder: a prepared :class:`SftDemos` builder.
@@ -745,6 +746,8 @@ class SftBatches:
         self.pad_multiple = int(pad_multiple)
         self.epoch, self.index = int(epoch), int(index)
         self.num_truncated = 0
+        self.num_served = 0  # real (not padding) demos served
+        self._warned_epoch: int | None = None
         self._order_epoch: int | None = None
         self._order = np.arange(self.size)
 
@@ -790,14 +793,18 @@ class SftBatches:
             pad_multiple=self.pad_multiple,
         )
         self.index += len(rows)
+        self.num_served += len(rows)
         if truncated:
             self.num_truncated += truncated
-            msg = (
-                f"{truncated} SFT demos longer than max_len={self.max_len} were truncated "
-                f"({self.num_truncated} so far)"
-            )
-            warnings.warn(msg, stacklevel=2)
-            log.warning(msg)
+            if self._warned_epoch != self.epoch:
+                self._warned_epoch = self.epoch
+                msg = (
+                    f"SFT demos longer than max_len={self.max_len} are truncated (epoch "
+                    f"{self.epoch}: {self.num_truncated} of {self.num_served} demos served so "
+                    "far); raise sft.max_len to keep them whole"
+                )
+                warnings.warn(msg, stacklevel=2)
+                log.warning(msg)
         return batch
 
 

@@ -725,6 +725,9 @@ def run_sft(exp: Experiment) -> dict[str, Any]:
         "data_seconds": t_data,
         "train_seconds": time.perf_counter() - t0 - t_data,
         "num_demos": len(builder.as_data_source(split="train")),
+        # demos served over all steps, and how many of them max_len cut short
+        "demos_served": batches.num_served,
+        "demos_truncated": batches.num_truncated,
     }
     print(f"[sft] wrote the warm-started policy to {exp.sft_dir} ({info['steps']} steps)")
     return info
