@@ -51,6 +51,14 @@ Suites:
     mesh's data axes, parameters placed by ``shard_params``). On CPU, get several devices with
     ``XLA_FLAGS=--xla_force_host_platform_device_count=8``.
 
+``webshop``
+    ``rollout_host`` on WebShop (the synthetic catalog at the recipe's settings: 9 actions, pages of
+    up to 384 tokens, 48 response tokens; a ~4,000-slot budget) with the KV cache sized to the whole
+    budget (``cache_block=0``) vs grown in blocks of 256 slots as the episodes lengthen (the
+    default), same model, goals and key (the table says whether the episodes were identical). The
+    tiny model has random weights: its answers are invalid, so every episode runs all 9 turns,
+    the longest a WebShop episode can be and so the smallest saving.
+
 ``unroll``
     The GRPO train step with the layer ``lax.scan`` rolled (``ModelConfig.scan_unroll=1``, the
     default) vs fully unrolled (``scan_unroll=n_layers``; ``--config.model.scan_unroll`` in the
@@ -113,16 +121,18 @@ from actfocus_jax.rl.train_step import (
 )
 from actfocus_jax.rollout import Role
 from actfocus_jax.rollout.engine import (
+    COMPACT_PROMPTS,
     RolloutConfig,
     make_turn_template,
     rollout_fused,
     rollout_host,
+    sequence_budget,
     transformer_policy,
 )
 
-SUITES = ("actfocus", "train", "rollout", "unroll", "sft", "large")
+SUITES = ("actfocus", "train", "rollout", "webshop", "unroll", "sft", "large")
 #: suites run when --suite is not given ("large" is meant for a GPU / TPU).
-DEFAULT_SUITES = ("actfocus", "train", "rollout", "unroll", "sft")
+DEFAULT_SUITES = ("actfocus", "train", "rollout", "webshop", "unroll", "sft")
 
 
 # ----------------------------------------------------------------------------------------- shapes
@@ -988,6 +998,76 @@ def suite_rollout(quick: bool, reps: int | None, mesh_sizes: tuple[int, ...] | N
     )
 
 
+def suite_webshop(quick: bool, reps: int | None) -> dict:
+    reps = reps or (2 if quick else 3)
+    n_goals, group = (2, 4) if quick else (8, 8)
+    env = envs.make("webshop", num_goals=2560, test_fraction=0.2)
+    tok = env.tokenizer
+    base = get_config("tiny")
+    c = base.replace(vocab_size=max(base.vocab_size, -(-tok.vocab_size // 64) * 64))
+    graphdef, params = nnx.split(CausalLM(c, rngs=nnx.Rngs(0)))
+    goals = list(env.goals("train"))[:n_goals]
+    goal_ids = np.arange(n_goals, dtype=np.int32)
+    cfg = RolloutConfig(max_turns=env.max_turns, max_response_tokens=48, temperature=1.0)
+    template = make_turn_template(tok, COMPACT_PROMPTS["webshop"], "plain")
+    kwargs = dict(
+        policy=transformer_policy(graphdef, c),
+        env=env,
+        template=template,
+        cfg=cfg,
+        group_size=group,
+        vocab=c.vocab_size,
+    )
+    key = jax.random.key(0)
+    blocks = {"budget cache": 0, "grown cache (256)": 256}
+    fns = {
+        k: functools.partial(rollout_host, params, goals, goal_ids, key, cache_block=v, **kwargs)
+        for k, v in blocks.items()
+    }
+    bufs = {k: jax.block_until_ready(f()) for k, f in fns.items()}  # warm-up: compiles
+    ref = bufs["budget cache"]
+    same = all(np.array_equal(np.asarray(ref.tokens), np.asarray(b.tokens)) for b in bufs.values())
+    times, _ = interleaved(fns, reps)
+    gen = int(np.asarray(ref.generated).sum())
+    episodes = n_goals * group
+    budget = sequence_budget(template, env.max_obs_len, cfg)
+    lengths = np.asarray(ref.length)
+    rows, results = [], {}
+    for k in fns:
+        t = statistics.median(times[k])
+        results[k] = dict(
+            cache_block=blocks[k], time_s=t, tokens_per_s=gen / t, episodes_per_s=episodes / t,
+            times_s=times[k],
+        )  # fmt: skip
+        rows.append([k, f"{t:.1f}", f"{gen / t:.0f}", f"{episodes / t:.2f}"])
+    speedup = statistics.median(times["budget cache"]) / statistics.median(
+        times["grown cache (256)"]
+    )
+    paired = paired_ratio(times["budget cache"], times["grown cache (256)"])
+    print_table(
+        f"webshop: rollout_host, tiny random model, {n_goals} goals x {group} = {episodes} "
+        f"episodes, {env.max_turns} turns x 48 tokens, budget {budget} slots, episode lengths "
+        f"mean {lengths.mean():.0f} / max {lengths.max()}; median of {reps}; same episodes: {same}",
+        ["cache", "s", "gen tok/s", "episodes/s"],
+        rows,
+    )
+    print(f"grown cache speed-up: {speedup:.2f}x (median paired ratio {paired:.2f}x)")
+    return dict(
+        n_goals=n_goals,
+        group_size=group,
+        episodes=episodes,
+        budget_slots=budget,
+        mean_length=float(lengths.mean()),
+        max_length=int(lengths.max()),
+        generated_tokens=gen,
+        reps=reps,
+        same_episodes=same,
+        speedup=speedup,
+        speedup_paired=paired,
+        results=results,
+    )
+
+
 # ------------------------------------------------------------------------------------------ main
 def environment_info() -> dict:
     dev = jax.devices()[0]
@@ -1050,6 +1130,7 @@ def main(argv: list[str] | None = None) -> int:
         "actfocus": suite_actfocus,
         "train": suite_train,
         "rollout": suite_rollout,
+        "webshop": suite_webshop,
         "unroll": suite_unroll,
         "sft": suite_sft,
         "large": suite_large,

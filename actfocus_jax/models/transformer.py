@@ -59,6 +59,7 @@ __all__ = [
     "forward_with_cache",
     "init_cache",
     "init_model",
+    "resize_cache",
     "value_model_from_policy",
 ]
 
@@ -282,6 +283,24 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: Any = None)
     return KVCache(
         k=jnp.zeros(shape, dt), v=jnp.zeros(shape, dt), length=jnp.zeros((batch,), jnp.int32)
     )
+
+
+def resize_cache(cache: KVCache, max_len: int) -> KVCache:
+    """``cache`` with ``max_len`` slots per row: slots ``[0, max_len)`` kept, new slots zero.
+
+    Attention reads every slot of the cache (masked), so a cache sized to what the episodes have
+    used so far, grown in blocks (:func:`actfocus_jax.rollout.engine.rollout_host`), costs
+    attention work in proportion to that rather than to the worst-case budget. It only grows
+    (shrinking could drop visible slots).
+    """
+    s = cache.max_len
+    if max_len == s:
+        return cache
+    if max_len < s:
+        raise ValueError(f"resize_cache only grows a cache ({s} slots), asked for {max_len}")
+    pad = [(0, 0)] * cache.k.ndim
+    pad[2] = (0, max_len - s)
+    return cache.replace(k=jnp.pad(cache.k, pad), v=jnp.pad(cache.v, pad))
 
 
 class Backbone(nnx.Module):

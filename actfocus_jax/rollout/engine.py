@@ -78,11 +78,15 @@ class Policy:
         leaf's logical axes, ``"batch"`` on the episode axis; other names map to mesh axes through
         :data:`actfocus_jax.parallel.DEFAULT_RULES`. Only sharded rollouts use it; None: the leading
         axis of every leaf is the episode axis.
+      resize_cache: ``(cache, max_len) -> cache`` with ``max_len`` slots, the existing ones kept
+        (grows only). With it :func:`rollout_host` sizes the cache to what the episodes have used
+        so far, in blocks, instead of the whole budget; None: the cache has the budget's size.
     """
 
     apply: Callable[..., tuple[jax.Array, Any]]
     init_cache: Callable[[int, int], Any]
     cache_axes: Callable[[Any], Any] | None = None
+    resize_cache: Callable[[Any, int], Any] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -435,7 +439,9 @@ def _record_step(carry: _Carry, turn: jax.Array, played: jax.Array, ts: Any) -> 
     )
 
 
-def _init_carry(policy: Policy, b: int, s: int, t: int, vocab: int, pad_id: int) -> _Carry:
+def _init_carry(
+    policy: Policy, b: int, s: int, t: int, vocab: int, pad_id: int, cache_len: int | None = None
+) -> _Carry:
     return _Carry(
         tokens=jnp.full((b, s), pad_id, jnp.int32),
         generated=jnp.zeros((b, s), bool),
@@ -445,7 +451,7 @@ def _init_carry(policy: Policy, b: int, s: int, t: int, vocab: int, pad_id: int)
         logit=jnp.zeros((b, s), jnp.float32),
         length=jnp.zeros((b,), jnp.int32),
         next_logits=jnp.zeros((b, vocab), jnp.float32),
-        cache=policy.init_cache(b, s),
+        cache=policy.init_cache(b, s if cache_len is None else cache_len),
         active=jnp.ones((b,), bool),
         turn_rewards=jnp.zeros((b, t), jnp.float32),
         reward_pos=jnp.full((b, t), -1, jnp.int32),
@@ -584,10 +590,17 @@ def rollout_fused(
     return _shard_rows(_finish(carry, template, group_size, task_ids), mesh)
 
 
-@functools.partial(jax.jit, static_argnames=("policy", "template", "b", "s", "t", "vocab"))
-def _host_prefill(params, chunk, chunk_len, *, policy, template, b, s, t, vocab):
-    carry = _init_carry(policy, b, s, t, vocab, template.pad_id)
+@functools.partial(
+    jax.jit, static_argnames=("policy", "template", "b", "s", "t", "vocab", "cache_len")
+)
+def _host_prefill(params, chunk, chunk_len, *, policy, template, b, s, t, vocab, cache_len):
+    carry = _init_carry(policy, b, s, t, vocab, template.pad_id, cache_len)
     return _feed_chunk(policy, params, carry, chunk, chunk_len, jnp.int32(0))
+
+
+@functools.partial(jax.jit, static_argnames=("policy", "cache_len"))
+def _host_resize(cache, *, policy, cache_len):
+    return policy.resize_cache(cache, cache_len)
 
 
 @functools.partial(jax.jit, static_argnames=("policy", "cfg", "template"))
@@ -648,6 +661,7 @@ def rollout_host(
     cfg: RolloutConfig,
     group_size: int,
     vocab: int,
+    cache_block: int = 256,
 ) -> RolloutBuffer:
     """The same rollout as :func:`rollout_fused`, with the turn loop on the host.
 
@@ -655,10 +669,31 @@ def rollout_host(
     stepped through jitted ``vmap``-ed calls, with the same keys as the fused path. For a host
     environment (``env.is_host_env`` True, e.g. WebShop) ``tasks`` is a list of task specs and the
     environment is stepped row by row in Python from the decoded responses.
+
+    ``cache_block``: if the policy can resize its cache (:attr:`Policy.resize_cache`), the cache
+    starts with what the first prompt and response need and grows in blocks of this many slots
+    before a turn could overflow it, so attention reads the slots the episodes have used rather
+    than the whole budget (WebShop: 9 turns of up to 384-token pages, ~4,000 slots, while episodes
+    use ~1,000-2,000). Each cache size compiles the turn functions once. 0: the whole budget.
     """
+    if cache_block < 0:
+        raise ValueError(f"cache_block must be >= 0 (0: no growth), got {cache_block}")
     b_tasks = len(task_ids)
     b = b_tasks * group_size
     s = sequence_budget(template, env.max_obs_len, cfg)
+    block = cache_block if policy.resize_cache is not None else 0
+
+    def cache_size(need: int) -> int:
+        """Slots for ``need`` tokens: the budget, or ``need`` rounded up to a block."""
+        return s if not block else min(s, -(-need // block) * block)
+
+    def fit(carry: _Carry, need: int, size: int) -> tuple[_Carry, int]:
+        """Grows the cache to hold ``need`` tokens in every row (``size``: its current slots)."""
+        new = cache_size(need)
+        if new <= size:
+            return carry, size
+        return carry.replace(cache=_host_resize(carry.cache, policy=policy, cache_len=new)), new
+
     key_reset, key_sample = jax.random.split(key)
     host = getattr(env, "is_host_env", False)
     if host:
@@ -676,6 +711,7 @@ def rollout_host(
         template.first_suffix,
         template.pad_id,
     )
+    size = cache_size(int(jnp.max(chunk_len)) + cfg.max_response_tokens)
     carry = _host_prefill(
         params,
         chunk,
@@ -686,10 +722,12 @@ def rollout_host(
         s=s,
         t=cfg.max_turns,
         vocab=vocab,
+        cache_len=size,
     )
     for turn in range(cfg.max_turns):
         if not bool(jnp.any(carry.active)):
             break
+        carry, size = fit(carry, int(jnp.max(carry.length)) + cfg.max_response_tokens, size)
         played = carry.active
         t = jnp.int32(turn)
         carry, resp, resp_len = _host_generate(
@@ -723,9 +761,9 @@ def rollout_host(
             template.turn_suffix,
             template.pad_id,
         )
-        carry = _host_feed(
-            params, carry, chunk, jnp.where(more, chunk_len, 0), t + 1, policy=policy
-        )
+        chunk_len = jnp.where(more, chunk_len, 0)
+        carry, size = fit(carry, int(jnp.max(carry.length + chunk_len)), size)
+        carry = _host_feed(params, carry, chunk, chunk_len, t + 1, policy=policy)
     return _host_finish(carry, template, group_size, jnp.asarray(task_ids))
 
 
@@ -774,12 +812,13 @@ def transformer_policy(graphdef: Any, config: Any) -> Policy:
       graphdef: the static graph definition of a :class:`~actfocus_jax.models.CausalLM`.
       config: its :class:`~actfocus_jax.models.ModelConfig`.
     """
-    from actfocus_jax.models.transformer import forward_with_cache, init_cache
+    from actfocus_jax.models.transformer import forward_with_cache, init_cache, resize_cache
 
     return Policy(
         apply=functools.partial(forward_with_cache, graphdef),
         init_cache=functools.partial(init_cache, config),
         cache_axes=_kv_cache_axes,
+        resize_cache=resize_cache,
     )
 
 
