@@ -61,8 +61,8 @@ def test_unknown_env_option_is_rejected():
 
 
 #: What the recipe changes beyond the environment's own settings (WebShop: a host env with longer
-#: demonstrations).
-RECIPE_EXCEPTIONS = {"webshop": {"rollout": {"path"}, "sft": {"max_len"}}}
+#: demonstrations and a budget far longer than its episodes).
+RECIPE_EXCEPTIONS = {"webshop": {"rollout": {"path"}, "sft": {"max_len"}, "train": {"trim_block"}}}
 
 
 @pytest.mark.parametrize("env", ["sokoban", "frozenlake", "sudoku", "webshop"])
@@ -140,3 +140,15 @@ def test_algo_fields_reach_the_update_config_and_bad_ones_are_named():
     bad = parse("experiments/configs/main.py", "--config.algo.critic_warmup_steps=3")
     with pytest.raises(ConfigError, match=r"critic_warmup_steps.*algo=ppo"):
         validate(bad)
+
+
+def test_trim_block_is_checked_and_refused_with_a_width_normalised_loss():
+    from actfocus_jax.train.config import ConfigError, validate
+
+    validate(parse("experiments/configs/recipe.py:webshop"))  # trims (train.trim_block=256)
+    with pytest.raises(ConfigError, match=r"train\.trim_block=-1.*>= 0"):
+        validate(parse("experiments/configs/main.py", "--config.train.trim_block=-1"))
+    width_norm = ("--config.train.trim_block=256", "--config.algo.loss_agg=seq-mean-token-sum-norm")
+    with pytest.raises(ConfigError, match=r"trim_block.*loss_agg_norm"):
+        validate(parse("experiments/configs/main.py", *width_norm))
+    validate(parse("experiments/configs/main.py", *width_norm, "--config.algo.loss_agg_norm=512"))

@@ -293,3 +293,52 @@ def test_whitened_ppo_advantages_match_the_float64_reference(rollout):
     chex.assert_trees_all_equal(m_white.tokens.returns, m_raw.tokens.returns)
     with pytest.raises(ValueError, match="already normalised per group"):
         AlgoConfig(algo="grpo", whiten_advantages=True)
+
+
+def _widen(batch, extra):
+    """``batch`` with ``extra`` padding columns appended (not valid, not in the loss)."""
+
+    def pad(x):
+        if x.ndim != 2:
+            return x
+        return jnp.concatenate([x, jnp.zeros((x.shape[0], extra), x.dtype)], axis=1)
+
+    return jax.tree.map(pad, batch)
+
+
+@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+def test_trimmed_batch_gives_the_same_update(rollout, algo):
+    from actfocus_jax.rl.train_step import trim_batch
+
+    model, batch = rollout
+    width = batch.tokens.shape[1]
+    wide = _widen(batch, 300)
+    valid = np.asarray(batch.valid)
+    used = int(max(np.nonzero(row)[0].max() + 1 for row in valid))
+    trimmed = trim_batch(wide, 32)
+    new_width = trimmed.tokens.shape[1]
+    assert new_width % 32 == 0 and used <= new_width < used + 32 and new_width <= width + 300
+    assert trim_batch(wide, 0) is wide and trim_batch(trimmed, 32) is trimmed
+    chex.assert_trees_all_equal(
+        jax.tree.map(lambda x: x[:, :new_width] if x.ndim == 2 else x, wide), trimmed
+    )
+    cfg = AlgoConfig(
+        algo=algo,
+        group_size=GROUP,
+        epochs=2,
+        num_minibatches=2,
+        kl_coef=0.01,
+        actfocus=ActFocusConfig(),
+    )
+    _, s_wide, m_wide = _update(model, wide, cfg)
+    _, s_trim, m_trim = _update(model, trimmed, cfg)
+    # The same update up to float summation order over the dropped (all-zero) columns.
+    # (Adam steps are ~lr = 1e-3 in size; a wrong update would differ by that much.)
+    chex.assert_trees_all_close(s_trim.params, s_wide.params, atol=1e-5, rtol=1e-4)
+    if algo == "ppo":
+        chex.assert_trees_all_close(s_trim.critic_params, s_wide.critic_params, atol=1e-5)
+    for name in ("loss", "pg_loss", "kl", "adv_mean", "adv_std", "grad_norm", "value_loss"):
+        np.testing.assert_allclose(m_trim[name], m_wide[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(
+        m_trim.tokens.weights, np.asarray(m_wide.tokens.weights)[:, :new_width], atol=1e-6
+    )

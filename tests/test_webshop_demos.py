@@ -173,6 +173,7 @@ def test_webshop_main_job_end_to_end(tmp_path):
             "sft.max_len": 512,
             "sft.reasoning": "state",
             "eval.num_tasks": 2,
+            "train.trim_block": 64,
         },
     )
     result = run_main(c)
@@ -181,3 +182,16 @@ def test_webshop_main_job_end_to_end(tmp_path):
     assert saved["held_out_gain"]["greedy"]["n"] == 2
     assert os.path.isfile(os.path.join(c.workdir, "sft", "model.safetensors"))
     assert result["final"]["final/greedy/success"] in (0.0, 0.5, 1.0)
+    # The updates trained on batches trimmed to their episodes (blocks of 64), not the budget.
+    with open(os.path.join(c.workdir, "rl", "metrics.jsonl")) as f:
+        widths = [
+            json.loads(line)["train/batch_width"] for line in f if "train/batch_width" in line
+        ]
+    from actfocus_jax.rollout.engine import sequence_budget
+    from actfocus_jax.train.config import rollout_config_from
+    from actfocus_jax.train.trainer import Experiment
+
+    exp = Experiment(c)
+    rcfg = rollout_config_from(c, max_turns=exp.env.max_turns)
+    budget = sequence_budget(exp.template(), exp.env.max_obs_len, rcfg)
+    assert widths and all(w % 64 == 0 and w < budget for w in widths), (widths, budget)

@@ -27,6 +27,7 @@ import chex
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -65,6 +66,7 @@ __all__ = [
     "init_train_state",
     "make_optimizer",
     "train_step",
+    "trim_batch",
 ]
 
 ALGOS = ("grpo", "ppo")
@@ -292,6 +294,27 @@ def batch_from_buffer(buf: RolloutBuffer) -> TrainBatch:
         token_rewards=buf.token_rewards(),
         episode_return=buf.episode_return,
     )
+
+
+def trim_batch(batch: TrainBatch, block: int) -> TrainBatch:
+    """``batch`` without the columns past every row's last valid token, its width rounded up to a
+    multiple of ``block`` (a few widths to compile). Host-side (the width must be concrete).
+
+    A rollout buffer is as wide as the worst-case episode (WebShop: ~3,900 slots for 9 turns of
+    384-token pages) while the episodes of a batch use far less; the dropped columns are padding
+    (not valid, not in the loss), so the update is the same up to float summation order, except
+    under ``seq-mean-token-sum-norm`` without a fixed ``loss_agg_norm``, whose norm is the width
+    (the trainer refuses that combination). ``block <= 0`` returns ``batch`` unchanged.
+    """
+    width = batch.tokens.shape[1]
+    if block <= 0:
+        return batch
+    valid = np.asarray(batch.valid)
+    ends = np.where(valid.any(axis=1), width - np.argmax(valid[:, ::-1], axis=1), 0)
+    new = min(width, max(block, -(-int(ends.max()) // block) * block))
+    if new == width:
+        return batch
+    return jax.tree.map(lambda x: x[:, :new] if x.ndim == 2 and x.shape[1] == width else x, batch)
 
 
 @chex.dataclass

@@ -120,6 +120,15 @@ def validate(c: Any) -> None:
     _check(c.train.steps >= 0, "train.steps", c.train.steps, "must be >= 0")
     _check(c.train.save_every >= 1, "train.save_every", c.train.save_every, "must be >= 1")
     _check(c.train.keep >= 1, "train.keep", c.train.keep, "must be >= 1")
+    trim = c.train.get("trim_block", 0)
+    _check(trim >= 0, "train.trim_block", trim, "must be >= 0 (0: no trimming)")
+    _check(
+        not (trim and a.loss_agg == "seq-mean-token-sum-norm" and not a.get("loss_agg_norm")),
+        "train.trim_block",
+        trim,
+        "seq-mean-token-sum-norm normalises by the batch width, which trimming changes: set "
+        "algo.loss_agg_norm to a fixed length or train.trim_block=0",
+    )
     _check(c.eval.num_tasks >= 1, "eval.num_tasks", c.eval.num_tasks, "must be >= 1")
     _check(c.eval.batch_size >= 1, "eval.batch_size", c.eval.batch_size, "must be >= 1")
     _check(

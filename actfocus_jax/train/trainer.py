@@ -38,6 +38,7 @@ from actfocus_jax.rl.train_step import (
     init_train_state,
     make_optimizer,
     train_step,
+    trim_batch,
 )
 from actfocus_jax.rollout.buffer import RolloutBuffer, check_buffer
 from actfocus_jax.rollout.engine import (
@@ -564,7 +565,10 @@ def run_rl(exp: Experiment, *, resume: bool = False) -> dict[str, Any]:
             buf = exp.rollout(graphdef, state.params, tasks, ids, k_roll, group_size=group)
             jax.block_until_ready(buf.tokens)
             t1 = time.perf_counter()
-            batch = shard_batch(batch_from_buffer(buf), mesh)
+            batch = batch_from_buffer(buf)
+            if c.train.get("trim_block", 0):
+                batch = trim_batch(batch, c.train.trim_block)
+            batch = shard_batch(batch, mesh)
             state, m = train_step(state, batch, k_upd, statics=statics)
             finite = _finite(m)
             t2 = time.perf_counter()
@@ -592,6 +596,7 @@ def run_rl(exp: Experiment, *, resume: bool = False) -> dict[str, Any]:
                     "time/rollout_s": t1 - t0,
                     "time/update_s": t2 - t1,
                     "time/gen_tokens_per_s": n_tok / max(t1 - t0, 1e-9),
+                    "train/batch_width": float(batch.tokens.shape[1]),
                 }
             )
             done_steps = step + 1

@@ -143,6 +143,10 @@ def get_base_config(env: str = "sokoban", model: str = "tiny") -> ml_collections
     c.train.save_every = 10
     c.train.keep = 3
     c.train.log_every = 1
+    # > 0: each update's batch is cut to its longest episode rounded up to a multiple of this
+    # (rl.train_step.trim_batch): for host environments whose worst-case budget is far longer than
+    # their episodes (WebShop). 0: the rollout buffer's full width.
+    c.train.trim_block = 0
 
     c.eval = ml_collections.ConfigDict()
     c.eval.num_tasks = 128

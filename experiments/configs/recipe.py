@@ -61,6 +61,9 @@ def _webshop(c):
     # with epsilon 0.3 (a detour costs two turns of ~150-250 page tokens); 1536 keeps all but the
     # longest noisy ones whole. On a 2-core CPU this SFT is ~5x Sokoban's per step: a GPU job.
     c.sft.max_len = 1536
+    # Rollouts and updates sized to what the episodes use (~900-2,000 tokens), not the budget
+    # (9 turns x 384-token pages: ~3,900 slots): the update trims its batch to the longest episode.
+    c.train.trim_block = 256
 
 
 _ENV = {"sokoban": _sokoban, "frozenlake": _frozenlake, "sudoku": _sudoku, "webshop": _webshop}
