@@ -348,3 +348,39 @@ def test_unrolled_layer_scan_gives_the_same_outputs():
         np.testing.assert_allclose(np.asarray(got_cache.k), np.asarray(ref_cache.k), atol=2e-6)
     with pytest.raises(ModelConfigError, match="scan_unroll"):
         CFG.replace(scan_unroll=0)
+
+
+def test_remat_gives_the_same_gradients_and_keeps_less_for_the_backward():
+    """remat (jax.checkpoint on the layer scan body) is a runtime option: the same logits and
+    gradients, and the compiled gradient keeps less temporary memory on a long sequence."""
+    from actfocus_jax.models.transformer import set_runtime_options
+
+    c = CFG.replace(n_layers=4)
+    model = init_model(c, 0)
+    randomize(model, 5)
+    graphdef, state = nnx.split(model)
+    remat = set_runtime_options(init_model(c, 0), remat=True)
+    assert remat.config.remat and remat.backbone.config.remat and not model.config.remat
+    g_remat = nnx.split(remat)[0]
+    rng = np.random.default_rng(0)
+    t = 512
+    ids = jnp.asarray(rng.integers(0, c.vocab_size, (2, t)), jnp.int32)
+    mask = jnp.asarray(np.arange(t)[None] < np.array([[t], [300]]))
+
+    def loss(g):
+        def f(st):
+            logits = nnx.merge(g, st)(ids, attention_mask=mask)
+            return jnp.mean(jax.nn.log_softmax(logits)[..., 0] * mask)
+
+        return jax.jit(jax.value_and_grad(f))
+
+    (v0, g0), (v1, g1) = loss(graphdef)(state), loss(g_remat)(state)
+    np.testing.assert_allclose(float(v1), float(v0), rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), g1, g0)
+    temp = {
+        name: loss(g).lower(state).compile().memory_analysis().temp_size_in_bytes
+        for name, g in (("keep", graphdef), ("remat", g_remat))
+    }
+    assert temp["remat"] < 0.6 * temp["keep"], temp
+    with pytest.raises(ModelConfigError, match="remat"):
+        CFG.replace(remat=1)

@@ -99,6 +99,7 @@ def test_end_to_end_environments(tmp_path, env):
     extra = {"rollout.path": "host"} if env == "webshop" else {}
     if env == "webshop":
         extra["env.max_actions_per_episode"] = 2
+        extra["model.remat"] = True  # WebShop's long sequences are where it is meant for
     if env == "sudoku":  # runtime model / optimiser options reach the run
         extra.update({"model.scan_unroll": 2, "optim.optimizer": "sgd", "optim.b1": 0.0})
     c = tiny_config(tmp_path, env, **extra)
@@ -107,6 +108,7 @@ def test_end_to_end_environments(tmp_path, env):
     assert_trained(exp, c)
     if env == "sudoku":
         assert exp.policy_config.scan_unroll == 2
+    assert exp.policy_config.remat == (env == "webshop")
 
 
 def test_resume_is_exact_and_survives_interrupted_and_corrupted_checkpoints(tmp_path):

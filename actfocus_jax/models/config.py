@@ -60,6 +60,10 @@ class ModelConfig:
         loop, ``n_layers`` or more = fully unrolled). A runtime option, not part of the HF config:
         unrolling lets XLA fuse across layer boundaries (faster steps) at the price of compile time
         that grows with depth; ``python -m experiments.bench --suite unroll`` measures both.
+      remat: recompute each decoder block's activations in the backward pass (``jax.checkpoint``
+        on the layer scan's body) instead of keeping them: a train step keeps one block's
+        attention tensors at a time rather than all ``n_layers`` (long sequences: WebShop), for
+        about one more forward pass of compute. A runtime option, not part of the HF config.
     """
 
     vocab_size: int
@@ -78,6 +82,7 @@ class ModelConfig:
     dtype: str = "float32"
     architecture: str = "Qwen2ForCausalLM"
     scan_unroll: int = 1
+    remat: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.scan_unroll, int) or self.scan_unroll < 1:
@@ -85,6 +90,8 @@ class ModelConfig:
                 f"scan_unroll must be an int >= 1 (1 = rolled loop, >= n_layers = fully unrolled), "
                 f"got {self.scan_unroll!r}"
             )
+        if not isinstance(self.remat, bool):
+            raise ModelConfigError(f"remat must be a bool, got {self.remat!r}")
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:

@@ -60,6 +60,8 @@ __all__ = [
     "init_cache",
     "init_model",
     "resize_cache",
+    "set_runtime_options",
+    "set_scan_unroll",
     "value_model_from_policy",
 ]
 
@@ -351,6 +353,8 @@ class Backbone(nnx.Module):
             q, k, v = _qkv(c, p, x, positions)
             return _finish_block(c, p, x, causal_attention(q, k, v, mask)), None
 
+        if c.remat:  # the backward pass recomputes each block from its input
+            body = jax.checkpoint(body, prevent_cse=False)
         x, _ = jax.lax.scan(body, x, self.layers.stacked(), unroll=_unroll(c))
         return rms_norm(x, self.final_norm[...], c.rms_norm_eps, jnp.dtype(c.dtype))
 
@@ -506,14 +510,20 @@ def init_model(config: ModelConfig, seed: int = 0) -> CausalLM:
 ModelLike = CausalLM | tuple[nnx.GraphDef, nnx.State]
 
 
-def set_scan_unroll(model: nnx.Module, unroll: int) -> nnx.Module:
-    """Sets :attr:`ModelConfig.scan_unroll` on every submodule of ``model`` in place (a runtime
-    option: the parameters do not change, only the graph definition). Returns ``model``."""
+def set_runtime_options(model: nnx.Module, **options: Any) -> nnx.Module:
+    """Sets runtime fields of :class:`ModelConfig` (``scan_unroll``, ``remat``) on every submodule
+    of ``model`` in place: the parameters do not change, only the graph definition. Returns
+    ``model``."""
     for _, m in model.iter_modules():
         cfg = getattr(m, "config", None)
-        if isinstance(cfg, ModelConfig) and cfg.scan_unroll != unroll:
-            m.config = cfg.replace(scan_unroll=unroll)
+        if isinstance(cfg, ModelConfig) and any(getattr(cfg, k) != v for k, v in options.items()):
+            m.config = cfg.replace(**options)
     return model
+
+
+def set_scan_unroll(model: nnx.Module, unroll: int) -> nnx.Module:
+    """Sets :attr:`ModelConfig.scan_unroll` on every submodule (see :func:`set_runtime_options`)."""
+    return set_runtime_options(model, scan_unroll=unroll)
 
 
 def as_graph_state(model: ModelLike) -> tuple[nnx.GraphDef, nnx.State]:

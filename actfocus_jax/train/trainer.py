@@ -31,7 +31,11 @@ from actfocus_jax.data.webshop_goals import (
     webshop_env_options,
 )
 from actfocus_jax.models import CausalLM, get_config, load_pretrained, save_pretrained
-from actfocus_jax.models.transformer import init_model, set_scan_unroll, value_model_from_policy
+from actfocus_jax.models.transformer import (
+    init_model,
+    set_runtime_options,
+    value_model_from_policy,
+)
 from actfocus_jax.rl.train_step import (
     TrainStatics,
     batch_from_buffer,
@@ -139,17 +143,22 @@ class Experiment:
             self._env = envs.make(self.config.env.name, tokenizer=self.tokenizer, **opts)
         return self._env
 
+    def _runtime_options(self) -> dict[str, Any]:
+        """The model's runtime options (:class:`ModelConfig` fields outside the HF config)."""
+        m = self.config.model
+        return {"scan_unroll": int(m.scan_unroll), "remat": bool(m.get("remat", False))}
+
     def model_config(self):
         """The model's config: the HF checkpoint's, or the preset with a vocab fitting the tokenizer."""
         c = self.config
         if self._hf_model is not None:
-            return self._hf_model.config.replace(scan_unroll=int(c.model.scan_unroll))
+            return self._hf_model.config.replace(**self._runtime_options())
         overrides = {k: int(c.model[k]) for k in ("n_layers", "d_model", "mlp_dim") if c.model[k]}
         cfg = get_config(
             c.model.preset,
             dtype=c.model.dtype,
             param_dtype=c.model.param_dtype,
-            scan_unroll=int(c.model.scan_unroll),
+            **self._runtime_options(),
             **overrides,
         )
         if cfg.vocab_size < self.tokenizer.vocab_size:
@@ -227,7 +236,7 @@ class Experiment:
     def init_policy(self) -> CausalLM:
         """A policy per ``config.model.init``: random, the SFT checkpoint, or a HF directory."""
         init = str(self.config.model.init)
-        model = set_scan_unroll(self._load_policy(init), int(self.config.model.scan_unroll))
+        model = set_runtime_options(self._load_policy(init), **self._runtime_options())
         self.policy_config = model.config
         return model
 

@@ -53,6 +53,9 @@ def get_base_config(env: str = "sokoban", model: str = "tiny") -> ml_collections
     # Layers per lax.scan iteration (1 = rolled; >= n_layers = fully unrolled: faster steps, longer
     # compiles; `python -m experiments.bench --suite unroll` measures both).
     c.model.scan_unroll = 1
+    # Recompute each block's activations in the backward pass (jax.checkpoint): memory for one
+    # block's attention tensors instead of all of them, for ~1 more forward of compute.
+    c.model.remat = False
 
     c.sft = ml_collections.ConfigDict()
     c.sft.steps = 300

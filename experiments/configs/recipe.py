@@ -64,6 +64,9 @@ def _webshop(c):
     # Rollouts and updates sized to what the episodes use (~900-2,000 tokens), not the budget
     # (9 turns x 384-token pages: ~3,900 slots): the update trims its batch to the longest episode.
     c.train.trim_block = 256
+    # A 64-episode batch of ~2,500-token episodes keeps ~1.6 GiB of attention tensors per layer
+    # and minibatch for the backward pass: without recomputation the first update ran out of 24 GiB.
+    c.model.remat = True
 
 
 _ENV = {"sokoban": _sokoban, "frozenlake": _frozenlake, "sudoku": _sudoku, "webshop": _webshop}
