@@ -862,16 +862,21 @@ def suite_train(quick: bool, reps: int | None) -> dict:
     }
 
 
+def tiny_random_model(vocab_size: int) -> tuple[ModelConfig, Any, Any]:
+    """The ``tiny`` preset with a vocabulary of at least ``vocab_size`` (rounded up to 64), random
+    weights (seed 0): ``(config, graphdef, params)`` of the rollout suites."""
+    base = get_config("tiny")
+    c = base.replace(vocab_size=max(base.vocab_size, -(-vocab_size // 64) * 64))
+    graphdef, params = nnx.split(CausalLM(c, rngs=nnx.Rngs(0)))
+    return c, graphdef, params
+
+
 def suite_rollout(quick: bool, reps: int | None, mesh_sizes: tuple[int, ...] | None = None) -> dict:
     reps = reps or (3 if quick else 5)
     n_tasks, group, max_turns, max_resp = (2, 4, 2, 16) if quick else (4, 8, 3, 32)
     env = envs.make("sokoban", max_turns=max_turns)
     tok = env.tokenizer
-    base = get_config("tiny")
-    vocab = max(base.vocab_size, -(-tok.vocab_size // 64) * 64)
-    c = base.replace(vocab_size=vocab)
-    model = CausalLM(c, rngs=nnx.Rngs(0))
-    graphdef, params = nnx.split(model)
+    c, graphdef, params = tiny_random_model(tok.vocab_size)
     rng = np.random.default_rng(0)
     tasks = jax.tree.map(lambda *x: np.stack(x), *[env.generate_task(rng) for _ in range(n_tasks)])
     task_ids = np.arange(n_tasks, dtype=np.int32)
@@ -882,7 +887,7 @@ def suite_rollout(quick: bool, reps: int | None, mesh_sizes: tuple[int, ...] | N
         template=make_turn_template(tok, env.system_prompt(), "plain"),
         cfg=cfg,
         group_size=group,
-        vocab=vocab,
+        vocab=c.vocab_size,
     )
     key = jax.random.key(0)
     fns = {
@@ -1004,9 +1009,7 @@ def suite_webshop(quick: bool, reps: int | None) -> dict:
     n_goals, group = (2, 4) if quick else (8, 8)
     env = envs.make("webshop", num_goals=2560, test_fraction=0.2)
     tok = env.tokenizer
-    base = get_config("tiny")
-    c = base.replace(vocab_size=max(base.vocab_size, -(-tok.vocab_size // 64) * 64))
-    graphdef, params = nnx.split(CausalLM(c, rngs=nnx.Rngs(0)))
+    c, graphdef, params = tiny_random_model(tok.vocab_size)
     goals = list(env.goals("train"))[:n_goals]
     goal_ids = np.arange(n_goals, dtype=np.int32)
     cfg = RolloutConfig(max_turns=env.max_turns, max_response_tokens=48, temperature=1.0)

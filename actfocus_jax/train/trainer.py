@@ -574,9 +574,7 @@ def run_rl(exp: Experiment, *, resume: bool = False) -> dict[str, Any]:
             buf = exp.rollout(graphdef, state.params, tasks, ids, k_roll, group_size=group)
             jax.block_until_ready(buf.tokens)
             t1 = time.perf_counter()
-            batch = batch_from_buffer(buf)
-            if c.train.get("trim_block", 0):
-                batch = trim_batch(batch, c.train.trim_block)
+            batch = trim_batch(batch_from_buffer(buf), c.train.get("trim_block", 0))
             batch = shard_batch(batch, mesh)
             state, m = train_step(state, batch, k_upd, statics=statics)
             finite = _finite(m)
