@@ -176,6 +176,47 @@ def test_long_sequence_logits_match_reference():
     np.testing.assert_allclose(np.asarray(got)[mask], ref[mask], atol=5e-5, rtol=1e-5)
 
 
+def test_attn_block_is_a_runtime_option_with_the_same_logits_and_gradients():
+    """attn_block (the causal attention's query-block size) changes only the graph definition:
+    blocks of 16 and 48 (a remainder block at 150 tokens) and one block (the plain path) give the
+    NumPy reference's logits and the default's gradients."""
+    from actfocus_jax.models.transformer import set_runtime_options
+
+    model = init_model(CFG, 7)
+    randomize(model, 8)
+    graphdef, state = nnx.split(model)
+    ids = np.asarray(jax.random.randint(jax.random.key(9), (2, 150), 0, CFG.vocab_size))
+    mask = np.ones((2, 150), bool)
+    mask[0, :5] = mask[1, 140:] = False
+    ref = np_reference(CFG, hf_tensors_from_model(model), ids, mask)
+
+    def grad(g):
+        def f(st):
+            logits = nnx.merge(g, st)(jnp.asarray(ids), attention_mask=jnp.asarray(mask))
+            return jnp.mean(jax.nn.log_softmax(logits)[..., 3] * mask)
+
+        return jax.jit(jax.grad(f))(state)
+
+    g_default = grad(graphdef)
+    n_proj = 8  # q, k, v, o, gate, up, down in the layer scan's body + the LM head
+    for block in (16, 48, 150):
+        m = set_runtime_options(init_model(CFG, 0), attn_block=block)
+        assert m.config.attn_block == block and m.backbone.config.attn_block == block
+        g = nnx.split(m)[0]
+        assert g != graphdef
+        # The block size reaches the attention: two score / value einsums per query block.
+        jaxpr = str(jax.make_jaxpr(lambda st, g=g: nnx.merge(g, st)(jnp.asarray(ids)))(state))
+        assert jaxpr.count("dot_general") == n_proj + 2 * -(-150 // block)
+        got = _apply(g, state, jnp.asarray(ids), None, jnp.asarray(mask))
+        np.testing.assert_allclose(np.asarray(got)[mask], ref[mask], atol=5e-5, rtol=1e-5)
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4), grad(g), g_default
+        )
+    for bad in (0, 64.0):
+        with pytest.raises(ModelConfigError, match="attn_block"):
+            CFG.replace(attn_block=bad)
+
+
 def test_padding_does_not_change_real_tokens(split):
     graphdef, state = split
     ids = jax.random.randint(jax.random.key(6), (1, 6), 1, CFG.vocab_size)

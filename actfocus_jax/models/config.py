@@ -64,6 +64,13 @@ class ModelConfig:
         on the layer scan's body) instead of keeping them: a train step keeps one block's
         attention tensors at a time rather than all ``n_layers`` (long sequences: WebShop), for
         about one more forward pass of compute. A runtime option, not part of the HF config.
+      attn_block: query-block size of the full-sequence causal attention
+        (:func:`actfocus_jax.models.transformer.causal_attention`): each block of queries only
+        computes scores against the keys up to its end. Smaller blocks skip more of the causally
+        masked square (``(n + 1) / 2n`` of it for ``n`` blocks) in more, smaller ops. A runtime
+        option, not part of the HF config; the result is the same up to float summation order,
+        so changing it changes a training run's float trajectory (``python -m experiments.bench
+        --suite attn_block`` measures the step time).
     """
 
     vocab_size: int
@@ -83,6 +90,7 @@ class ModelConfig:
     architecture: str = "Qwen2ForCausalLM"
     scan_unroll: int = 1
     remat: bool = False
+    attn_block: int = 128  # transformer.CAUSAL_BLOCK
 
     def __post_init__(self) -> None:
         if not isinstance(self.scan_unroll, int) or self.scan_unroll < 1:
@@ -92,6 +100,11 @@ class ModelConfig:
             )
         if not isinstance(self.remat, bool):
             raise ModelConfigError(f"remat must be a bool, got {self.remat!r}")
+        if not isinstance(self.attn_block, int) or self.attn_block < 1:
+            raise ModelConfigError(
+                f"attn_block must be an int >= 1 (query-block size of the causal attention; "
+                f"128 is the default), got {self.attn_block!r}"
+            )
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:

@@ -150,7 +150,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
     return out.reshape(b, t, h, hd)
 
 
-#: Query-block size of :func:`causal_attention` (the full-sequence path of the decoder).
+#: Default query-block size of :func:`causal_attention` (:attr:`ModelConfig.attn_block`).
 CAUSAL_BLOCK = 128
 
 
@@ -351,7 +351,7 @@ class Backbone(nnx.Module):
 
         def body(x, p):
             q, k, v = _qkv(c, p, x, positions)
-            return _finish_block(c, p, x, causal_attention(q, k, v, mask)), None
+            return _finish_block(c, p, x, causal_attention(q, k, v, mask, c.attn_block)), None
 
         if c.remat:  # the backward pass recomputes each block from its input
             body = jax.checkpoint(body, prevent_cse=False)
@@ -511,9 +511,9 @@ ModelLike = CausalLM | tuple[nnx.GraphDef, nnx.State]
 
 
 def set_runtime_options(model: nnx.Module, **options: Any) -> nnx.Module:
-    """Sets runtime fields of :class:`ModelConfig` (``scan_unroll``, ``remat``) on every submodule
-    of ``model`` in place: the parameters do not change, only the graph definition. Returns
-    ``model``."""
+    """Sets runtime fields of :class:`ModelConfig` (``scan_unroll``, ``remat``, ``attn_block``) on
+    every submodule of ``model`` in place: the parameters do not change, only the graph
+    definition. Returns ``model``."""
     for _, m in model.iter_modules():
         cfg = getattr(m, "config", None)
         if isinstance(cfg, ModelConfig) and any(getattr(cfg, k) != v for k, v in options.items()):

@@ -146,7 +146,11 @@ class Experiment:
     def _runtime_options(self) -> dict[str, Any]:
         """The model's runtime options (:class:`ModelConfig` fields outside the HF config)."""
         m = self.config.model
-        return {"scan_unroll": int(m.scan_unroll), "remat": bool(m.get("remat", False))}
+        return {
+            "scan_unroll": int(m.scan_unroll),
+            "remat": bool(m.get("remat", False)),
+            "attn_block": int(m.get("attn_block", 128)),
+        }
 
     def model_config(self):
         """The model's config: the HF checkpoint's, or the preset with a vocab fitting the tokenizer."""

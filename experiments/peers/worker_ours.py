@@ -47,7 +47,9 @@ def build(spec: dict[str, Any], inputs: dict[str, np.ndarray]):
     if spec.get("variant") == "full-attention":
         from actfocus_jax.models import transformer
 
-        transformer.causal_attention = lambda q, k, v, mask: transformer.attention(q, k, v, mask)
+        transformer.causal_attention = lambda q, k, v, mask, block=None: transformer.attention(
+            q, k, v, mask
+        )
     elif spec.get("variant") not in (None, "", "unrolled"):
         raise ValueError(f"unknown variant {spec['variant']!r}")
     m, o, a = spec["model"], spec["optim"], spec["algo"]
