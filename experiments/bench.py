@@ -67,13 +67,16 @@ Suites:
     reference shape (4 layers, 32 x 512) and at a 16-layer model of the same width (8 x 256), where
     unrolling's compile cost shows.
 
-``attn_block``
-    The GRPO train step with the causal attention's query blocks of 128 (``ModelConfig.attn_block``,
-    the default), 64 and 32, the layer scan fully unrolled (the fastest setting of the ``unroll``
-    suite), at the reference shape (32 x 512; ``--quick``: 8 x 256): step time (interleaved, paired
-    ratio against 128) and compiled temp memory. Smaller blocks skip more of the causally masked
-    square (``(n + 1) / 2n`` of it is computed for ``n`` blocks: 0.625 / 0.5625 / 0.53 at 512
-    tokens) in more, smaller ops. Not in the default suites.
+``layout``
+    The GRPO train step (reference model, layer scan unrolled) before and after the layout changes
+    of the model's matmuls, one change at a time, side by side: "before" (the projections as
+    ``einsum``s over ``[B, T, ...]``, the causal attention's 5-D ``btkgd,bskd->bkgts`` einsums in
+    query blocks of 128: the code up to this suite's commit, kept here as the reference); "+ 2-D
+    projections" (``transformer.dense``); "+ head-major attention" (blocks of 128); "+ blocks of 64"
+    (the current default, ``ModelConfig.attn_block``) and blocks of 32. Step time (interleaved,
+    paired ratio against "before"), compiled temp memory, and the largest parameter difference after
+    one step against "before" (the changes reorder float sums only). Shape: 32 x 512 (``--quick``:
+    8 x 256). Not in the default suites.
 
 ``sft``
     SFT steps of the tiny model on the main job's demonstrations (Sokoban, state-style, batch 16,
@@ -117,6 +120,7 @@ from actfocus_jax.models import (
     ModelConfig,
     get_config,
     init_model,
+    transformer,
     value_model_from_policy,
 )
 from actfocus_jax.rl.actfocus import ActFocusConfig
@@ -139,7 +143,7 @@ from actfocus_jax.rollout.engine import (
     transformer_policy,
 )
 
-SUITES = ("actfocus", "train", "rollout", "webshop", "unroll", "attn_block", "sft", "large")
+SUITES = ("actfocus", "train", "rollout", "webshop", "unroll", "layout", "sft", "large")
 #: suites run when --suite is not given ("large" is meant for a GPU / TPU).
 DEFAULT_SUITES = ("actfocus", "train", "rollout", "unroll", "sft")
 
@@ -544,68 +548,113 @@ def suite_unroll(quick: bool, reps: int | None) -> dict:
     return {"results": results}
 
 
-def suite_attn_block(quick: bool, reps: int | None) -> dict:
-    """GRPO train step (layer scan unrolled) with the causal attention's query blocks of 128 / 64 /
-    32 (``ModelConfig.attn_block``), side by side: step time (interleaved, paired ratio against 128)
-    and compiled temp memory."""
+def _einsum_dense(x: jax.Array, w: jax.Array, n_contract: int = 1, **dot_kwargs: Any) -> jax.Array:
+    """``transformer.dense`` as it was before the ``layout`` suite: one einsum over ``[B, T, ...]``."""
+    lead = "abcdefgh"[: x.ndim - n_contract]
+    k, m = "ijkl"[:n_contract], "mnop"[: w.ndim - n_contract]
+    return jnp.einsum(f"{lead}{k},{k}{m}->{lead}{m}", x, w, **dot_kwargs)
+
+
+def _attention_5d_blocks(q, k, v, mask, block: int = 128) -> jax.Array:
+    """``transformer.causal_attention`` as it was before the ``layout`` suite: query blocks of the
+    5-D ``transformer.attention`` (``btkgd,bskd->bkgts``)."""
+    t = q.shape[1]
+    if k.shape[1] != t or t <= block:
+        return transformer.attention(q, k, v, mask)
+    outs = []
+    for lo in range(0, t, block):
+        hi = min(t, lo + block)
+        outs.append(transformer.attention(q[:, lo:hi], k[:, :hi], v[:, :hi], mask[:, lo:hi, :hi]))
+    return jnp.concatenate(outs, axis=1)
+
+
+def _build_with(c, cfg, batch, *, old_dense: bool, old_attention: bool):
+    """:func:`build_step` with the model's ``dense`` / ``causal_attention`` swapped for the
+    reference implementations above while tracing (restored afterwards)."""
+    saved = transformer.dense, transformer.causal_attention
+    try:
+        if old_dense:
+            transformer.dense = _einsum_dense
+        if old_attention:
+            transformer.causal_attention = lambda q, k, v, mask, block: _attention_5d_blocks(
+                q, k, v, mask, 128
+            )
+        return build_step(c, cfg, batch)
+    finally:
+        transformer.dense, transformer.causal_attention = saved
+
+
+def suite_layout(quick: bool, reps: int | None) -> dict:
+    """GRPO train step before / after each layout change of the model's matmuls (see the module
+    docstring), side by side: step time (interleaved, paired ratio against "before"), compiled temp
+    memory, and the parameters after one step compared with "before"."""
     reps = reps or (3 if quick else 7)
     b, seq = (8, 256) if quick else (32, 512)
     base = reference_config()
     base = base.replace(scan_unroll=base.n_layers)
     batch = synthetic_batch(b, seq, base.vocab_size, seed=3)
     cfg = AlgoConfig(algo="grpo", group_size=8, num_minibatches=1)
-    blocks = (128, 64, 32)
-    variants = {}
-    for block in blocks:
+    specs = [  # label, attn_block, old dense, old attention
+        ("before (einsum, 5-D attention, blocks 128)", 128, True, True),
+        ("+ 2-D projections", 128, False, True),
+        ("+ head-major attention, blocks 128", 128, False, False),
+        ("+ blocks 64 (default)", 64, False, False),
+        ("blocks 32", 32, False, False),
+    ]
+    variants, first = {}, {}
+    for label, block, old_dense, old_attention in specs:
         t0 = time.perf_counter()
-        stepper, compiled = build_step(base.replace(attn_block=block), cfg, batch)
-        variants[f"block {block}"] = (stepper, compiled, time.perf_counter() - t0)
-    times, _, mem = time_steppers(variants, reps)
+        stepper, compiled = _build_with(
+            base.replace(attn_block=block),
+            cfg,
+            batch,
+            old_dense=old_dense,
+            old_attention=old_attention,
+        )
+        variants[label] = (stepper, compiled, time.perf_counter() - t0)
+        first[label] = jax.device_get(stepper()[0].params)  # one step: the warm-up
+    ref = specs[0][0]
+    diff = {
+        k: max(
+            float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+            for x, y in zip(jax.tree.leaves(v), jax.tree.leaves(first[ref]), strict=True)
+        )
+        for k, v in first.items()
+    }
+    times, _, mem = time_steppers(variants, reps, warmups=0)
     med = {k: statistics.median(v) for k, v in times.items()}
-    ref = f"block {blocks[0]}"
     rows, results = [], []
-    for block in blocks:
-        k = f"block {block}"
-        n = -(-seq // block)
+    for label, block, old_dense, old_attention in specs:
         res = dict(
+            variant=label,
             attn_block=block,
+            einsum_projections=old_dense,
+            attention_5d=old_attention,
             batch=b,
             seq_len=seq,
             reps=reps,
-            time_s=med[k],
-            times_s=times[k],
-            tokens_per_s=b * seq / med[k],
-            speedup_paired=paired_ratio(times[ref], times[k]),
-            score_fraction=(n + 1) / (2 * n) if seq > block else 1.0,
-            compile_s=variants[k][2],
-            memory=mem[k],
+            time_s=med[label],
+            times_s=times[label],
+            tokens_per_s=b * seq / med[label],
+            speedup_paired=paired_ratio(times[ref], times[label]),
+            compile_s=variants[label][2],
+            memory=mem[label],
+            max_param_diff_vs_before=diff[label],
         )
         results.append(res)
         rows.append(
             [
-                block,
-                f"{b}x{seq}",
-                f"{res['score_fraction']:.3f}",
-                f"{med[k] * 1e3:.0f}",
+                label,
+                f"{med[label] * 1e3:.0f}",
                 f"{res['tokens_per_s']:.0f}",
                 f"{res['speedup_paired']:.3f}",
-                f"{res['compile_s']:.1f}",
-                f"{mib(mem[k].get('temp', 0)):.0f}",
+                f"{mib(mem[label].get('temp', 0)):.0f}",
+                f"{diff[label]:.1e}",
             ]
         )
     print_table(
-        f"attn_block: GRPO step (reference model, unrolled), causal attention query blocks, "
-        f"median of {reps}",
-        [
-            "block",
-            "batch",
-            "score share",
-            "step ms",
-            "tok/s",
-            "speed-up vs 128 (paired)",
-            "compile s",
-            "temp MiB",
-        ],
+        f"layout: GRPO step, reference model unrolled, {b} x {seq}, median of {reps}",
+        ["variant", "step ms", "tok/s", "speed-up (paired)", "temp MiB", "max |dparam| vs before"],
         rows,
     )
     return {"model_config": dataclasses.asdict(base), "results": results}
@@ -1211,7 +1260,7 @@ def main(argv: list[str] | None = None) -> int:
         "rollout": suite_rollout,
         "webshop": suite_webshop,
         "unroll": suite_unroll,
-        "attn_block": suite_attn_block,
+        "layout": suite_layout,
         "sft": suite_sft,
         "large": suite_large,
     }

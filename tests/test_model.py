@@ -143,24 +143,54 @@ def test_tied_embeddings_match_reference():
     np.testing.assert_allclose(np.asarray(got)[mask], ref[mask], atol=2e-5, rtol=1e-5)
 
 
-def test_causal_block_attention_matches_full_attention():
-    # T = 11 with blocks of 4 (3 blocks, the last one short); padding inside and at both ends.
+def _np_attention(q, k, v, mask):
+    """Grouped-query softmax attention in float64 NumPy; rows without a visible key are 0."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    b, _, h, hd = q.shape
+    g = h // k.shape[2]
+    out = np.zeros_like(q)
+    for i in range(b):
+        for j in range(h):
+            s = q[i, :, j] @ k[i, :, j // g].T / np.sqrt(hd)
+            s = np.where(mask[i], s, -np.inf)
+            with np.errstate(invalid="ignore"):
+                p = np.exp(s - s.max(-1, keepdims=True))
+                p = np.nan_to_num(p / p.sum(-1, keepdims=True))
+            out[i, :, j] = p @ v[i, :, j // g]
+    return out
+
+
+def test_causal_block_attention_matches_reference():
+    # T = 11 with blocks of 4 (3 blocks, the last one short), 1, and one block; padding inside and
+    # at both ends; 4 query heads on 2 kv heads. Values and gradients (of the queries that see a key).
     b, t, h, kv, hd = 2, 11, 4, 2, 8
-    keys = jax.random.split(jax.random.key(11), 3)
+    keys = jax.random.split(jax.random.key(11), 4)
     q = jax.random.normal(keys[0], (b, t, h, hd))
     k = jax.random.normal(keys[1], (b, t, kv, hd))
     v = jax.random.normal(keys[2], (b, t, kv, hd))
     valid = np.ones((b, t), bool)
     valid[0, :2] = valid[0, 6] = valid[1, -3:] = False
     mask = np.tril(np.ones((t, t), bool))[None] & valid[:, None, :]
-    full = attention(q, k, v, jnp.asarray(mask))
-    got = causal_attention(q, k, v, jnp.asarray(mask), block=4)
     seen = mask.any(-1)  # queries with at least one visible key
-    np.testing.assert_allclose(np.asarray(got)[seen], np.asarray(full)[seen], atol=1e-6)
-    assert np.isfinite(np.asarray(got)).all()
-    np.testing.assert_array_equal(  # a sequence that fits in one block takes the plain path
-        np.asarray(causal_attention(q, k, v, jnp.asarray(mask), block=t)), np.asarray(full)
+    ref = _np_attention(q, k, v, mask)
+    np.testing.assert_allclose(
+        np.asarray(attention(q, k, v, jnp.asarray(mask)))[seen], ref[seen], atol=1e-5
     )
+    dout = jax.random.normal(keys[3], q.shape) * jnp.asarray(seen)[:, :, None, None]
+
+    def grads(fn):
+        return jax.grad(lambda *a: jnp.sum(fn(*a, jnp.asarray(mask)) * dout), argnums=(0, 1, 2))(
+            q, k, v
+        )
+
+    g_full = grads(attention)
+    for block in (4, 1, t, 64):
+        got = causal_attention(q, k, v, jnp.asarray(mask), block=block)
+        np.testing.assert_allclose(np.asarray(got)[seen], ref[seen], atol=1e-5)
+        assert np.isfinite(np.asarray(got)).all()
+        g_block = grads(lambda q, k, v, m, block=block: causal_attention(q, k, v, m, block))
+        for a, c in zip(g_block, g_full, strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(c), atol=1e-5)
 
 
 def test_long_sequence_logits_match_reference():

@@ -16,10 +16,12 @@ Layout decisions:
   Every parameter carries logical axis names in its ``out_sharding`` metadata (see
   :data:`actfocus_jax.models.config.LOGICAL_AXES`); read them with ``nnx.get_partition_spec``.
 * **Causal block attention.** The full-sequence pass (training, scoring) splits the queries into
-  blocks of :data:`CAUSAL_BLOCK` and lets each block attend only to the keys up to its end
-  (:func:`causal_attention`): 10/16 of the score / softmax work at 512 tokens, 20% less compiled
-  temp memory and 1.36x faster GRPO train steps on CPU at that length
-  (``experiments/results/README.md``, "Peers").
+  blocks of :attr:`ModelConfig.attn_block` (default :data:`CAUSAL_BLOCK`) and lets each block
+  attend only to the keys up to its end (:func:`causal_attention`), in a head-major layout whose
+  matmuls have one contracting axis each.
+* **2-D matmuls.** Every projection is one ``[N, K] x [K, M]`` dot (:func:`dense`), so that the
+  weight gradients are too; XLA's CPU backend adds layout copies for einsums whose gradients
+  contract two axes. The measured effect of both: ``experiments/results/README.md`` ("Layout").
 * **Pure functions at the core.** The modules are thin: :func:`apply` and :func:`forward_with_cache`
   take ``(graphdef, state)`` (from ``nnx.split``) and merge inside, so ``jit`` / ``shard_map`` /
   checkpointing only ever see plain pytrees.
@@ -106,6 +108,22 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float, dtype: Any) -> jax.Arra
     return scale.astype(dtype) * xf.astype(dtype)
 
 
+def dense(x: jax.Array, w: jax.Array, n_contract: int = 1, **dot_kwargs: Any) -> jax.Array:
+    """Contracts the last ``n_contract`` axes of ``x`` with the first ``n_contract`` axes of ``w``
+    as one 2-D matmul: ``[..., *K] x [*K, *M] -> [..., *M]``.
+
+    The same products as the equivalent ``einsum`` (``btd,dm->btm``), written as a
+    ``[N, K] x [K, M]`` dot: differentiated, its weight gradient is again a 2-D dot with a single
+    contracting axis, where the einsum's (``btd,btm->dm``) contracts two, for which XLA's CPU
+    backend inserts layout copies of the ``[B, T, M]`` operand (``python -m experiments.bench
+    --suite layout`` measures the difference).
+    """
+    lead, k_shape = x.shape[: x.ndim - n_contract], x.shape[x.ndim - n_contract :]
+    k = math.prod(k_shape)
+    y = jnp.dot(x.reshape(-1, k), w.reshape(k, -1), **dot_kwargs)
+    return y.reshape(*lead, *w.shape[n_contract:])
+
+
 def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
     """cos / sin tables ``[B, T, head_dim]`` (float32) for integer ``positions [B, T]``.
 
@@ -151,7 +169,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
 
 
 #: Default query-block size of :func:`causal_attention` (:attr:`ModelConfig.attn_block`).
-CAUSAL_BLOCK = 128
+CAUSAL_BLOCK = 64
 
 
 def causal_attention(
@@ -161,22 +179,45 @@ def causal_attention(
 
     The queries are split into blocks of ``block`` (a static Python loop); the block of queries
     ``[lo, hi)`` only computes scores against the keys ``[0, hi)``, since the causal mask hides every
-    later key from all of its queries. For ``T = 512`` and ``block = 128`` that is 10/16 of the
-    score, softmax and probability work and memory of the full ``[B, K, G, T, T]`` tensor, and each
-    block's tensors are smaller (friendlier to caches). Shapes as in :func:`attention`, with ``S = T``;
-    requires ``mask[b, t, s] = False`` for ``s > t``. Every query with at least one visible key gets
-    the same result as :func:`attention` (up to float summation order); a fully masked query row
-    (padding, whose output is meaningless anyway) averages the values of the keys ``[0, hi)`` of its
-    block instead of all keys.
+    later key from all of its queries: for ``n`` blocks, ``(n + 1) / 2n`` of the score, softmax and
+    probability work and memory of the full ``[B, K, G, T, T]`` tensor (0.5625 at ``T = 512``,
+    ``block = 64``), in smaller tensors.
+
+    Layout: the queries of a block are laid out head-major, ``[B, K, G * n, hd]`` (keys and values
+    ``[B, K, S, hd]``, transposed once), so that every matmul of the forward and backward pass has
+    one contracting axis and the batch axes ``(B, K)`` in front, which XLA's CPU backend runs
+    without the layout copies of :func:`attention`'s ``btkgd,bskd->bkgts`` (whose gradients contract
+    two axes). ``python -m experiments.bench --suite layout`` measures both.
+
+    Shapes as in :func:`attention`, with ``S = T``; requires ``mask[b, t, s] = False`` for ``s > t``.
+    Every query with at least one visible key gets the same result as :func:`attention` (up to
+    float summation order); a fully masked query row (padding, whose output is meaningless anyway)
+    averages the values of the keys ``[0, hi)`` of its block instead of all keys.
     """
-    t = q.shape[1]
-    if k.shape[1] != t or t <= block:
+    b, t, h, hd = q.shape
+    if k.shape[1] != t:
         return attention(q, k, v, mask)
+    n_kv = k.shape[2]
+    g = h // n_kv
+    qh = q.reshape(b, t, n_kv, g, hd).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, hd]
+    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, hd]
     outs = []
     for lo in range(0, t, block):
         hi = min(t, lo + block)
-        outs.append(attention(q[:, lo:hi], k[:, :hi], v[:, :hi], mask[:, lo:hi, :hi]))
-    return jnp.concatenate(outs, axis=1)
+        n = hi - lo
+        qb = qh[:, :, :, lo:hi].reshape(b, n_kv, g * n, hd)
+        scores = jnp.einsum(
+            "bkqd,bksd->bkqs", qb, kh[:, :, :hi], preferred_element_type=jnp.float32
+        )
+        scores = scores * (1.0 / math.sqrt(hd))
+        m = jnp.broadcast_to(mask[:, None, None, lo:hi, :hi], (b, 1, g, n, hi)).reshape(
+            b, 1, g * n, hi
+        )
+        probs = jax.nn.softmax(jnp.where(m, scores, _NEG_INF), axis=-1).astype(v.dtype)
+        out = jnp.einsum("bkqs,bksd->bkqd", probs, vh[:, :, :hi])
+        outs.append(out.reshape(b, n_kv, g, n, hd))
+    out = jnp.concatenate(outs, axis=3) if len(outs) > 1 else outs[0]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, hd)
 
 
 def default_positions(attention_mask: jax.Array | None, batch: int, length: int) -> jax.Array:
@@ -236,9 +277,9 @@ def _qkv(
     """Pre-norm + q/k/v projections + RoPE for one layer. ``x [B,T,D]`` -> q ``[B,T,H,hd]``, k/v."""
     dt = jnp.dtype(c.dtype)
     h = rms_norm(x, p["attn_norm"], c.rms_norm_eps, dt)
-    q = jnp.einsum("btd,dnh->btnh", h, p["wq"].astype(dt))
-    k = jnp.einsum("btd,dnh->btnh", h, p["wk"].astype(dt))
-    v = jnp.einsum("btd,dnh->btnh", h, p["wv"].astype(dt))
+    q = dense(h, p["wq"].astype(dt))
+    k = dense(h, p["wk"].astype(dt))
+    v = dense(h, p["wv"].astype(dt))
     if c.qkv_bias:
         q = q + p["bq"].astype(dt)
         k = k + p["bk"].astype(dt)
@@ -250,11 +291,11 @@ def _qkv(
 def _finish_block(c: ModelConfig, p: dict[str, jax.Array], x: jax.Array, attn: jax.Array):
     """Output projection + residual + SwiGLU MLP + residual. ``attn [B,T,H,hd]``, ``x [B,T,D]``."""
     dt = jnp.dtype(c.dtype)
-    x = x + jnp.einsum("btnh,nhd->btd", attn, p["wo"].astype(dt))
+    x = x + dense(attn, p["wo"].astype(dt), 2)
     h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps, dt)
-    gate = jnp.einsum("btd,dm->btm", h, p["w_gate"].astype(dt))
-    up = jnp.einsum("btd,dm->btm", h, p["w_up"].astype(dt))
-    return x + jnp.einsum("btm,md->btd", jax.nn.silu(gate) * up, p["w_down"].astype(dt))
+    gate = dense(h, p["w_gate"].astype(dt))
+    up = dense(h, p["w_up"].astype(dt))
+    return x + dense(jax.nn.silu(gate) * up, p["w_down"].astype(dt))
 
 
 @flax.struct.dataclass
@@ -424,9 +465,10 @@ class CausalLM(nnx.Module):
         dt = jnp.dtype(self.config.dtype)
         if self.config.tie_embeddings:
             w = self.backbone.embed[...].astype(dt)
-            return jnp.einsum("...d,vd->...v", hidden, w, preferred_element_type=jnp.float32)
-        w = self.lm_head[...].astype(dt)
-        return jnp.einsum("...d,dv->...v", hidden, w, preferred_element_type=jnp.float32)
+            w = w.T
+        else:
+            w = self.lm_head[...].astype(dt)
+        return dense(hidden, w, preferred_element_type=jnp.float32)
 
     def __call__(
         self,

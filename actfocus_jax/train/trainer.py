@@ -149,7 +149,7 @@ class Experiment:
         return {
             "scan_unroll": int(m.scan_unroll),
             "remat": bool(m.get("remat", False)),
-            "attn_block": int(m.get("attn_block", 128)),
+            "attn_block": int(m.get("attn_block", 64)),
         }
 
     def model_config(self):

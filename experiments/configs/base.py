@@ -58,8 +58,8 @@ def get_base_config(env: str = "sokoban", model: str = "tiny") -> ml_collections
     c.model.remat = False
     # Query-block size of the causal attention of a full-sequence pass (training, scoring): smaller
     # blocks skip more of the masked upper triangle; the same result up to float summation order
-    # (`python -m experiments.bench --suite attn_block` measures the step time).
-    c.model.attn_block = 128
+    # (`python -m experiments.bench --suite layout` measures the step time).
+    c.model.attn_block = 64
 
     c.sft = ml_collections.ConfigDict()
     c.sft.steps = 300
