@@ -90,7 +90,7 @@ class ModelConfig:
     architecture: str = "Qwen2ForCausalLM"
     scan_unroll: int = 1
     remat: bool = False
-    attn_block: int = 64  # transformer.CAUSAL_BLOCK
+    attn_block: int = 64
 
     def __post_init__(self) -> None:
         if not isinstance(self.scan_unroll, int) or self.scan_unroll < 1:
@@ -103,7 +103,7 @@ class ModelConfig:
         if not isinstance(self.attn_block, int) or self.attn_block < 1:
             raise ModelConfigError(
                 f"attn_block must be an int >= 1 (query-block size of the causal attention; "
-                f"64 is the default), got {self.attn_block!r}"
+                f"{ModelConfig.attn_block} is the default), got {self.attn_block!r}"
             )
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim"):
             value = getattr(self, name)

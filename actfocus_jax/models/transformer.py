@@ -169,7 +169,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
 
 
 #: Default query-block size of :func:`causal_attention` (:attr:`ModelConfig.attn_block`).
-CAUSAL_BLOCK = 64
+CAUSAL_BLOCK = ModelConfig.attn_block
 
 
 def causal_attention(
@@ -216,7 +216,7 @@ def causal_attention(
         probs = jax.nn.softmax(jnp.where(m, scores, _NEG_INF), axis=-1).astype(v.dtype)
         out = jnp.einsum("bkqs,bksd->bkqd", probs, vh[:, :, :hi])
         outs.append(out.reshape(b, n_kv, g, n, hd))
-    out = jnp.concatenate(outs, axis=3) if len(outs) > 1 else outs[0]
+    out = jnp.concatenate(outs, axis=3)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, hd)
 
 

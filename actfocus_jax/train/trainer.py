@@ -30,7 +30,13 @@ from actfocus_jax.data.webshop_goals import (
     load_goal_indices,
     webshop_env_options,
 )
-from actfocus_jax.models import CausalLM, get_config, load_pretrained, save_pretrained
+from actfocus_jax.models import (
+    CausalLM,
+    ModelConfig,
+    get_config,
+    load_pretrained,
+    save_pretrained,
+)
 from actfocus_jax.models.transformer import (
     init_model,
     set_runtime_options,
@@ -149,7 +155,7 @@ class Experiment:
         return {
             "scan_unroll": int(m.scan_unroll),
             "remat": bool(m.get("remat", False)),
-            "attn_block": int(m.get("attn_block", 64)),
+            "attn_block": int(m.get("attn_block", ModelConfig.attn_block)),
         }
 
     def model_config(self):

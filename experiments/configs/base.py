@@ -14,6 +14,7 @@ from __future__ import annotations
 import ml_collections
 
 from actfocus_jax.envs import option_defaults
+from actfocus_jax.models import ModelConfig
 
 
 def get_base_config(env: str = "sokoban", model: str = "tiny") -> ml_collections.ConfigDict:
@@ -59,7 +60,7 @@ def get_base_config(env: str = "sokoban", model: str = "tiny") -> ml_collections
     # Query-block size of the causal attention of a full-sequence pass (training, scoring): smaller
     # blocks skip more of the masked upper triangle; the same result up to float summation order
     # (`python -m experiments.bench --suite layout` measures the step time).
-    c.model.attn_block = 64
+    c.model.attn_block = ModelConfig.attn_block
 
     c.sft = ml_collections.ConfigDict()
     c.sft.steps = 300
