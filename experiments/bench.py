@@ -85,6 +85,13 @@ Suites:
     pass per repetition (interleaved), after a warm-up pass that compiles every width. Reports
     ms per step, padded columns per batch, the share of real tokens and the paired speed-up.
 
+``warmup``
+    PPO's train step during the critic warm-up (``AlgoConfig.critic_warmup_steps``: the critic
+    learns, the policy is held) against a normal PPO step (both updated), same model and batch,
+    interleaved. Before the warm-up skipped the policy's backward pass (``lax.cond``) a warm-up
+    step computed the full update and discarded it, i.e. cost one normal step. Not in the default
+    suites.
+
 ``large`` (not in the default set; meant for a GPU or TPU)
     The Qwen2.5-0.5B shape with random weights in bfloat16: train-step tokens/s and MFU against a
     bfloat16 ``8192^3`` matmul timed interleaved (B x L = 8 x 1024, 16 x 1024, 8 x 2048), the same
@@ -143,7 +150,17 @@ from actfocus_jax.rollout.engine import (
     transformer_policy,
 )
 
-SUITES = ("actfocus", "train", "rollout", "webshop", "unroll", "layout", "sft", "large")
+SUITES = (
+    "actfocus",
+    "train",
+    "rollout",
+    "webshop",
+    "unroll",
+    "layout",
+    "sft",
+    "warmup",
+    "large",
+)
 #: suites run when --suite is not given ("large" is meant for a GPU / TPU).
 DEFAULT_SUITES = ("actfocus", "train", "rollout", "unroll", "sft")
 
@@ -481,6 +498,47 @@ def suite_actfocus(quick: bool, reps: int | None) -> dict:
         rows,
     )
     return {"model_config": dataclasses.asdict(c), "results": results}
+
+
+def suite_warmup(quick: bool, reps: int | None) -> dict:
+    name, b, seq = ("small", 16, 128) if quick else ("reference", 16, 256)
+    reps = reps or (5 if quick else 7)
+    c = model_config(name)
+    batch = synthetic_batch(b, seq, c.vocab_size, seed=1)
+    variants = {}
+    for label, warm in (("update", 0), ("warm-up", 10**9)):
+        cfg = AlgoConfig(algo="ppo", group_size=8, num_minibatches=2, critic_warmup_steps=warm)
+        t0 = time.perf_counter()
+        stepper, compiled = build_step(c, cfg, batch)
+        variants[label] = (stepper, compiled, time.perf_counter() - t0)
+    times, _, mem = time_steppers(variants, reps)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    res = dict(
+        model=name,
+        batch=b,
+        seq_len=seq,
+        reps=reps,
+        median_s=med,
+        times_s=times,
+        ratio_of_medians=med["warm-up"] / med["update"],
+        median_paired_ratio=paired_ratio(times["warm-up"], times["update"]),
+        memory=mem,
+    )
+    print_table(
+        f"warmup: PPO step, {name} model, batch {b} x {seq}, 2 minibatches, median of {reps}",
+        ["step", "ms", "ratio to update", "footprint MiB"],
+        [
+            [
+                k,
+                f"{med[k] * 1e3:.1f}",
+                f"{med[k] / med['update']:.3f}",
+                f"{mib(mem[k].get('footprint', 0)):.2f}",
+            ]
+            for k in ("update", "warm-up")
+        ],
+    )
+    print(f"warm-up / update, median paired ratio: {res['median_paired_ratio']:.3f}")
+    return {"model_config": dataclasses.asdict(c), "results": [res]}
 
 
 def suite_unroll(quick: bool, reps: int | None) -> dict:
@@ -1262,6 +1320,7 @@ def main(argv: list[str] | None = None) -> int:
         "unroll": suite_unroll,
         "layout": suite_layout,
         "sft": suite_sft,
+        "warmup": suite_warmup,
         "large": suite_large,
     }
     t_all = time.perf_counter()

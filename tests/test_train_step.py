@@ -256,6 +256,8 @@ def test_critic_warmup_freezes_the_policy_until_its_step(rollout):
         chex.assert_trees_all_equal((state.params, state.opt_state), p0)
         critics.append(jax.tree.map(np.asarray, state.critic_params))
         assert float(m.critic_grad_norm) > 0
+        # No policy backward pass in warm-up (grad_norm 0), but its loss is still computed.
+        assert float(m.grad_norm) == 0 and np.isfinite(float(m.pg_loss)) and float(m.loss) != 0
     for before, after in itertools.pairwise(critics):  # the critic learns in both warm-up steps
         moved = jax.tree.map(lambda a, b: bool(np.any(a != b)), before, after)
         assert any(jax.tree.leaves(moved))

@@ -97,7 +97,8 @@ class AlgoConfig:
         reward signal; a run with it measures drift (what updates of this size do without signal).
       critic_warmup_steps: PPO only: for the first ``n`` train steps (``TrainState.step < n``) only
         the critic is updated; the policy and its optimiser state are kept (verl's
-        ``critic_warmup``). A fresh value head predicts ~0, so without it PPO's first advantages
+        ``critic_warmup``), and its backward pass is skipped (``lax.cond``: the policy loss is
+        still computed and logged, ``grad_norm`` is 0). A fresh value head predicts ~0, so without it PPO's first advantages
         are the raw returns, far from centred.
       whiten_advantages: PPO only: whiten the GAE advantages over the batch's loss tokens
         (:func:`~actfocus_jax.rl.advantages.masked_whiten`: zero mean, unit variance; verl and TRL
@@ -536,12 +537,27 @@ def train_step(
 
         def run_minibatch(state, mb):
             mb_ref = mb.get("ref_logp")
-            (loss, aux), grads = jax.value_and_grad(_minibatch_loss, has_aux=True)(
-                state.params, statics, mb, mb_ref
-            )
-            updates, opt_state = statics.optimizer.update(grads, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
-            aux = dict(aux, loss=loss, grad_norm=optax.global_norm(grads))
+
+            def update_policy(state):
+                (loss, aux), grads = jax.value_and_grad(_minibatch_loss, has_aux=True)(
+                    state.params, statics, mb, mb_ref
+                )
+                updates, opt_state = statics.optimizer.update(grads, state.opt_state, state.params)
+                params = optax.apply_updates(state.params, updates)
+                return params, opt_state, dict(aux, loss=loss, grad_norm=optax.global_norm(grads))
+
+            def hold_policy(state):  # critic warm-up: the policy's loss, no backward pass
+                loss, aux = _minibatch_loss(state.params, statics, mb, mb_ref)
+                zero = jnp.zeros((), jnp.float32)
+                return state.params, state.opt_state, dict(aux, loss=loss, grad_norm=zero)
+
+            if cfg.critic_warmup_steps:  # the policy waits while the critic warms up
+                params, opt_state, aux = jax.lax.cond(
+                    state.step < cfg.critic_warmup_steps, hold_policy, update_policy, state
+                )
+            else:
+                params, opt_state, aux = update_policy(state)
+            loss = aux["loss"]
             critic_params, critic_opt = state.critic_params, state.critic_opt_state
             if cfg.algo == "ppo":
                 (_, (vl, vclip)), cgrads = jax.value_and_grad(_critic_loss, has_aux=True)(
@@ -557,13 +573,6 @@ def train_step(
             else:
                 zero = jnp.zeros((), jnp.float32)
                 aux.update(value_loss=zero, value_clip_frac=zero, critic_grad_norm=zero)
-            if cfg.critic_warmup_steps:  # the policy waits while the critic warms up
-                warm = state.step < cfg.critic_warmup_steps
-                params, opt_state = jax.tree.map(
-                    lambda o, n: jnp.where(warm, o, n),
-                    (state.params, state.opt_state),
-                    (params, opt_state),
-                )
             new_state = state.replace(
                 params=params,
                 opt_state=opt_state,

@@ -154,7 +154,7 @@ class Experiment:
         m = self.config.model
         return {
             "scan_unroll": int(m.scan_unroll),
-            "remat": bool(m.get("remat", False)),
+            "remat": bool(m.get("remat", ModelConfig.remat)),
             "attn_block": int(m.get("attn_block", ModelConfig.attn_block)),
         }
 
