@@ -11,7 +11,9 @@ For each policy: ``G`` sampled rollouts of each of ``--num_tasks`` tasks (a seed
 split, the same for every policy) with the experiment's rollout path, then
 :func:`actfocus_jax.analysis.bottleneck_report` (energies ``neg_logprob`` / ``entropy`` /
 ``neg_logit``, ``sum`` and ``mean`` variants, per role and per turn, bootstrap CIs over groups,
-permutation null and excess density) and the token share per role. Writes
+permutation null and excess density) and the token share per role; with ``--gradients`` also the
+gradient-based variant (:func:`actfocus_jax.analysis.policy_report.gradient_report`: each role's
+share of the GRPO policy gradient on the same rollouts). Writes
 ``<workdir>/bottleneck/<source>_<split>/report.json`` (``--out_dir`` to change), the rollouts
 (``rollouts_<label>.npz``) and the tokenizer, and prints a compact table per policy (and one line
 per checkpoint along training). With ``--rl_dir`` the run's saved config is used for every field it
@@ -48,6 +50,12 @@ NUM_PERMUTATIONS = flags.DEFINE_integer("num_permutations", 100, "Permutations o
 ALPHA = flags.DEFINE_float("alpha", 0.05, "1 - confidence level of the bootstrap intervals.")
 OUT_DIR = flags.DEFINE_string("out_dir", None, "Output directory (default under the workdir).")
 SAVE_ROLLOUTS = flags.DEFINE_bool("save_rollouts", True, "Write the rollout arrays (.npz).")
+GRADIENTS = flags.DEFINE_bool(
+    "gradients",
+    False,
+    "Also the gradient-based variant: per-role norm, cosine and contribution of the GRPO policy "
+    "gradient on the same rollouts (batch and per group).",
+)
 
 
 def main(argv: list[str]) -> None:
@@ -71,6 +79,7 @@ def main(argv: list[str]) -> None:
         num_permutations=NUM_PERMUTATIONS.value,
         out_dir=OUT_DIR.value,
         save_rollout_arrays=SAVE_ROLLOUTS.value,
+        gradients=GRADIENTS.value,
     )
 
 

@@ -399,6 +399,27 @@ def test_role_gradients_are_linear_and_match_jax_grad(tiny_policy):
     np.testing.assert_allclose(sg.num_tokens, [[12, 5], [12, 6]])
 
 
+def test_grouped_role_gradients_match_per_group_and_whole_batch(tiny_policy):
+    """``grouped_role_gradient_stats``: its per-group statistics are ``role_gradient_stats`` with
+    ``group_size``, and its batch statistics (assembled from the groups' gradients weighted by
+    their generated-token counts) those of the whole batch computed directly."""
+    cfg, graphdef, params = tiny_policy
+    tokens, valid, roles, adv = _grad_batch(cfg.vocab_size)
+    per_group, batch = analysis.grouped_role_gradient_stats(
+        graphdef, params, tokens, valid, roles, adv, group_size=2
+    )
+    want_g = analysis.role_gradient_stats(graphdef, params, tokens, valid, roles, adv, group_size=2)
+    want_b = analysis.role_gradient_stats(graphdef, params, tokens, valid, roles, adv)
+    for got, want in ((per_group, want_g), (batch, want_b)):
+        for k in ("full_norm", "norm", "cosine", "contribution", "num_tokens", "norm_per_token"):
+            np.testing.assert_allclose(got[k], want[k], rtol=2e-5, atol=1e-7, err_msg=k)
+    assert float(batch.linearity_error) < 1e-5
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        analysis.grouped_role_gradient_stats(
+            graphdef, params, tokens, valid, roles, adv, group_size=3
+        )
+
+
 def test_role_without_tokens_has_zero_gradient(tiny_policy):
     cfg, graphdef, params = tiny_policy
     tokens, valid, roles, adv = _grad_batch(cfg.vocab_size, no_action=True)

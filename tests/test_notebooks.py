@@ -21,6 +21,7 @@ from test_trainer import tiny_config
 
 from actfocus_jax.analysis import policy_report as pr
 from actfocus_jax.analysis import results as R
+from actfocus_jax.rollout.roles import Role
 from actfocus_jax.train.trainer import Experiment
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,6 +49,7 @@ def _build(root):
         num_tasks=3,
         num_resamples=200,
         num_permutations=20,
+        gradients=True,
         verbose=False,
     )
     sweep = root / "sweep"
@@ -109,6 +111,15 @@ def test_bottleneck_along_training(tiny_run):
         # The saved arrays reproduce the report.
         again = pr.analyze_buffer(arrays, 2, num_resamples=200, num_permutations=20)
         assert again["bottleneck"] == r["bottleneck"]
+        # The gradient variant: each role's share of the GRPO gradient on the same rollouts.
+        g = r["gradients"]
+        assert g["advantages"] == "grpo" and g["groups"]["n_groups_total"] == 3
+        assert g["batch"]["linearity_error"] < 1e-4 and g["max_group_linearity_error"] < 1e-4
+        contrib = [g["batch"][k]["contribution"] for k in ("reasoning", "action")]
+        if g["batch"]["full_norm"] > 0:
+            assert sum(contrib) == pytest.approx(1.0, abs=1e-4)
+        n_tok = [g["batch"][k]["num_tokens"] for k in ("reasoning", "action")]
+        assert n_tok == [float(np.sum(arrays["roles"] == k)) for k in (Role.REASONING, Role.ACTION)]
 
     # The restored last checkpoint is the run's final policy; step 0 is its initial policy.
     exp = Experiment(c)

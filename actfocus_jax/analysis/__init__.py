@@ -18,6 +18,7 @@ from actfocus_jax.analysis.bottleneck import (
 from actfocus_jax.analysis.gradients import (
     GRADIENT_SCOPES,
     RoleGradientStats,
+    grouped_role_gradient_stats,
     role_gradient_stats,
     role_gradients,
     surrogate_loss,
@@ -38,6 +39,7 @@ __all__ = [
     "bottleneck_report",
     "bottleneck_stats",
     "group_pearson",
+    "grouped_role_gradient_stats",
     "role_gradient_stats",
     "role_gradients",
     "rollout_scores",

@@ -40,6 +40,7 @@ __all__ = [
     "GRADIENT_SCOPES",
     "RATIO_MODES",
     "RoleGradientStats",
+    "grouped_role_gradient_stats",
     "role_gradient_stats",
     "role_gradients",
     "surrogate_loss",
@@ -250,3 +251,46 @@ def role_gradient_stats(
         rows = tuple(x[start : start + group_size] for x in arrays)
         out.append(_stats_from_grads(*_role_grads(graphdef, params, *rows, *scalars)))
     return jax.tree.map(lambda *xs: jnp.stack(xs), *out)
+
+
+def grouped_role_gradient_stats(
+    graphdef: Any,
+    params: Any,
+    tokens: jax.Array,
+    valid: jax.Array,
+    roles: jax.Array,
+    advantages: jax.Array,
+    old_logp: jax.Array | None = None,
+    *,
+    group_size: int,
+    ratio: str = "at_one",
+    temperature: float = 1.0,
+) -> tuple[RoleGradientStats, RoleGradientStats]:
+    """``(per_group, batch)``: the statistics of each group of ``group_size`` rows (as
+    :func:`role_gradient_stats` with ``group_size``) and of the whole batch (as
+    :func:`role_gradient_stats` without it), from one pass over the groups.
+
+    The batch gradient is assembled from the groups' gradients: a group's surrogate is normalised by
+    its own generated-token count ``n_g``, the batch's by ``N = sum_g n_g``, so
+    ``g_batch = sum_g (n_g / N) g_group`` (exactly, for every scope). Memory stays at a few
+    parameter-sized gradients whatever the batch size, so the batch statistic of a large rollout
+    buffer costs no more memory than one group.
+    """
+    arrays = _prepared(tokens, valid, roles, advantages, old_logp, ratio)
+    b = arrays[0].shape[0]
+    if group_size < 1 or b % group_size:
+        raise ValueError(f"batch {b} is not a multiple of group_size {group_size}")
+    scalars = (jnp.float32(temperature), jnp.bool_(ratio == "importance"))
+    gen_all = _masks(arrays[2], arrays[1])[0]
+    per_group, total, counts = [], None, jnp.zeros((2,), jnp.float32)
+    n_total = jnp.maximum(jnp.sum(gen_all), 1).astype(jnp.float32)
+    for start in range(0, b, group_size):
+        rows = tuple(x[start : start + group_size] for x in arrays)
+        grads, c = _role_grads(graphdef, params, *rows, *scalars)
+        per_group.append(_stats_from_grads(grads, c))
+        n_g = jnp.sum(gen_all[start : start + group_size]).astype(jnp.float32)
+        part = jax.tree.map(lambda g, w=n_g / n_total: g * w, grads)
+        total = part if total is None else jax.tree.map(jnp.add, total, part)
+        counts = counts + c
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *per_group)
+    return stacked, _stats_from_grads(total, counts)

@@ -348,6 +348,126 @@ def analyze_buffer(
     )
 
 
+def gradient_report(
+    graphdef: Any,
+    params: Any,
+    buf: Any,
+    group_size: int,
+    *,
+    normalize_std: bool = True,
+    eps: float = 1e-6,
+    temperature: float = 1.0,
+    num_resamples: int = 2000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The gradient-based Action Bottleneck of a policy on its own rollouts (JSON-safe).
+
+    Advantages are GRPO's (each episode's return normalised within its group of ``group_size``,
+    broadcast to its generated tokens; ``normalize_std=False``: Dr. GRPO), the gradient the
+    on-policy surrogate at ratio 1 (:mod:`actfocus_jax.analysis.gradients`). Reports, for the whole
+    buffer as one batch (``"batch"``: the direction of a GRPO update on it) and over the groups
+    with a non-zero gradient (``"groups"``: reward variance > 0; mean and percentile-bootstrap CI
+    over groups), per role: ``||g_k||``, ``cos(g_k, g_full)``, the contribution ``<g_k, g_full> /
+    ||g_full||^2`` (reasoning + action = 1) and ``||g_k|| / n_k``; and the per-token norm ratio
+    action / reasoning (ratio of the group means, with its CI).
+    """
+    import jax.numpy as jnp
+
+    from actfocus_jax.analysis.bottleneck import bootstrap_ci
+    from actfocus_jax.analysis.gradients import grouped_role_gradient_stats
+    from actfocus_jax.rl.advantages import broadcast_to_tokens, grpo_advantages
+
+    get = functools.partial(buffer_field, buf)
+    roles = np.asarray(get("roles"))
+    valid = roles != Role.PAD
+    gen = (roles == Role.REASONING) | (roles == Role.ACTION)
+    width = int(np.max(np.nonzero(valid.any(0))[0], initial=0)) + 1  # drop all-pad columns
+    adv_ep = grpo_advantages(
+        jnp.asarray(get("episode_return"), jnp.float32),
+        group_size,
+        normalize_std=normalize_std,
+        eps=eps,
+    )
+    adv = np.asarray(broadcast_to_tokens(adv_ep, jnp.asarray(gen)))
+    per_group, batch = grouped_role_gradient_stats(
+        graphdef,
+        params,
+        np.asarray(get("tokens"))[:, :width],
+        valid[:, :width],
+        roles[:, :width],
+        adv[:, :width],
+        group_size=group_size,
+        temperature=temperature,
+    )
+    pg = {k: np.asarray(v, np.float64) for k, v in per_group.items()}
+    live = pg["full_norm"] > 0
+    fields = ("norm", "cosine", "contribution", "norm_per_token")
+
+    def ci(x):
+        lo, hi = bootstrap_ci(x, num_resamples=num_resamples, alpha=alpha, seed=seed)
+        return [lo, hi]
+
+    groups: dict[str, Any] = {"n_groups": int(live.sum()), "n_groups_total": int(live.size)}
+    for j, role in enumerate(ROLE_NAMES):
+        groups[role] = {}
+        for f in fields:
+            col = pg[f][live, j]
+            groups[role][f] = float(col.mean()) if col.size else float("nan")
+            groups[role][f + "_ci"] = ci(col)
+    npt = pg["norm_per_token"][live]  # [n, 2]
+
+    def ratio(s):  # [R, n, 2] -> [R]: mean action / mean reasoning per-token norm
+        m = s.mean(axis=1)
+        return m[..., 1] / np.where(m[..., 0] > 0, m[..., 0], np.nan)
+
+    groups["norm_per_token_ratio"] = float(ratio(npt[None])[0]) if len(npt) else float("nan")
+    lo, hi = bootstrap_ci(npt, statistic=ratio, num_resamples=num_resamples, alpha=alpha, seed=seed)
+    groups["norm_per_token_ratio_ci"] = [lo, hi]
+    diff = pg["contribution"][live, 1] - pg["contribution"][live, 0]
+    groups["contribution_action_minus_reasoning"] = float(diff.mean()) if diff.size else None
+    groups["contribution_action_minus_reasoning_ci"] = ci(diff)
+    bt = {k: np.asarray(v, np.float64) for k, v in batch.items()}
+    whole: dict[str, Any] = {
+        "full_norm": float(bt["full_norm"]),
+        "linearity_error": float(bt["linearity_error"]),
+    }
+    for j, role in enumerate(ROLE_NAMES):
+        whole[role] = {f: float(bt[f][j]) for f in (*fields, "num_tokens")}
+    return json_safe(
+        {
+            "advantages": "grpo" if normalize_std else "dr_grpo",
+            "group_size": group_size,
+            "batch": whole,
+            "groups": groups,
+            "max_group_linearity_error": float(pg["linearity_error"].max(initial=0.0)),
+        }
+    )
+
+
+def format_gradient_report(g: Mapping[str, Any]) -> str:
+    """Two lines per scope (batch, group mean) of :func:`gradient_report`."""
+    b, gr = g["batch"], g["groups"]
+    lines = [
+        f"  gradient ({g['advantages']} advantages): role  contribution  cos(g_k, g)  "
+        "||g_k||/n_k (batch | group mean [CI])"
+    ]
+    for role in ROLE_NAMES:
+        r, q = b[role], gr[role]
+        lines.append(
+            f"    {role:<9} {_num(r['contribution'])} | {_num(q['contribution'])} "
+            f"{_ci(q['contribution_ci'])}   {_num(r['cosine'])} | {_num(q['cosine'])} "
+            f"{_ci(q['cosine_ci'])}   {_num(r['norm_per_token'], '.3e')} | "
+            f"{_num(q['norm_per_token'], '.3e')}"
+        )
+    lines.append(
+        f"    per-token norm ratio action / reasoning (groups): "
+        f"{_num(gr['norm_per_token_ratio'], '.2f')} {_ci(gr['norm_per_token_ratio_ci'])}; "
+        f"{gr['n_groups']}/{gr['n_groups_total']} groups with a gradient"
+    )
+    return "\n".join(lines)
+
+
 class _AsBuffer:
     """Attribute access to a mapping of rollout arrays (for :func:`episode_metrics`)."""
 
@@ -397,6 +517,7 @@ def bottleneck_analysis(
     num_permutations: int = 100,
     out_dir: str | None = None,
     save_rollout_arrays: bool = True,
+    gradients: bool = False,
     verbose: bool = True,
 ) -> dict[str, Any]:
     """Rollouts and the bottleneck report of one policy (``config.model.init``) or of every
@@ -421,11 +542,15 @@ def bottleneck_analysis(
       energies, variants, num_resamples, alpha, num_permutations: of :func:`bottleneck_report`.
       out_dir: output directory (default :func:`default_out_dir`).
       save_rollout_arrays: write ``rollouts_<label>.npz`` per policy.
+      gradients: also the gradient-based variant (:func:`gradient_report`, GRPO advantages with
+        the config's ``algo.normalize_std`` / ``algo.adv_eps``, the rollout temperature) under
+        ``"gradients"``.
 
     Returns:
       ``{"meta": {...}, "results": [{"label", "step", "episodes", "token_share", "bottleneck",
       "rollouts", "seconds"}, ...]}`` (what ``report.json`` holds).
     """
+    from actfocus_jax.train.config import algo_config_from
     from actfocus_jax.train.trainer import Experiment
 
     if (config is None) == (experiment is None):
@@ -499,6 +624,20 @@ def bottleneck_analysis(
                 num_permutations=num_permutations,
             )
         )
+        if gradients:
+            a = algo_config_from(c)
+            entry["gradients"] = gradient_report(
+                graphdef,
+                params,
+                buf,
+                g,
+                normalize_std=a.normalize_std,
+                eps=a.adv_eps,
+                temperature=a.temperature,
+                num_resamples=num_resamples,
+                alpha=alpha,
+                seed=seed,
+            )
         entry["rollouts"] = None
         if save_rollout_arrays:
             entry["rollouts"] = save_rollouts(os.path.join(out_dir, f"rollouts_{label}.npz"), buf)
@@ -597,6 +736,8 @@ def format_report(entry: Mapping[str, Any], meta: Mapping[str, Any] | None = Non
                 f"{_num(t['action']['mean_abs_rho'])}  {_num(t['reasoning']['density'], '.2f')}/"
                 f"{_num(t['action']['density'], '.2f')}"
             )
+    if entry.get("gradients"):
+        lines.append(format_gradient_report(entry["gradients"]))
     return "\n".join(lines)
 
 
