@@ -19,8 +19,9 @@ group's loss normalised by its own generated-token count): the design's "norm of
 gradient restricted to role k".
 
 Role gradients come from one forward pass: ``jax.vjp`` of the per-token log-probs
-(:func:`actfocus_jax.models.apply` + :func:`actfocus_jax.models.token_logprobs`) with one cotangent
-per mask, ``vmap``-ed; :func:`surrogate_loss` is the same loss for ``jax.grad``.
+(:func:`actfocus_jax.models.apply` + :func:`actfocus_jax.models.token_logprobs`), pulled back once
+per mask (not ``vmap``-ed: see :func:`_role_grads`); :func:`surrogate_loss` is the same loss for
+``jax.grad``.
 """
 
 from __future__ import annotations
@@ -145,8 +146,13 @@ def _role_grads(
     gen, r, a = _masks(roles, valid)
     logp, vjp = jax.vjp(_logp_fn(graphdef, tokens, valid, temperature), params)
     c = _coef(logp, old_logp, advantages, gen, importance)
-    cot = jnp.stack([c, jnp.where(r, c, 0.0), jnp.where(a, c, 0.0)])  # [3, B, L]
-    (grads,) = jax.vmap(vjp)(cot)
+    # Three pullbacks of the one forward pass, one after the other. Not ``jax.vmap(vjp)``: with
+    # jaxlib 0.10.2 XLA:CPU's YNNPACK fusions miscompile the vmapped pullback (a broadcast of a
+    # ``[B, L, D]`` residual along the new cotangent axis, multiplied, reduced over ``D`` and
+    # broadcast back, e.g. RMSNorm's input gradient), giving role gradients off by 10-30% from
+    # ``jax.grad`` at B x L = 8 x 264 (exact with ``--xla_cpu_experimental_ynn_fusion_type=``).
+    cots = (c, jnp.where(r, c, 0.0), jnp.where(a, c, 0.0))
+    grads = jax.tree.map(lambda *g: jnp.stack(g), *(vjp(x)[0] for x in cots))
     counts = jnp.stack([jnp.sum(r), jnp.sum(a)]).astype(jnp.float32)
     return grads, counts
 

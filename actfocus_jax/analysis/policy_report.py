@@ -348,6 +348,11 @@ def analyze_buffer(
     )
 
 
+#: :func:`gradient_report` refuses role gradients whose sum is further than this (relative) from the
+#: full gradient.
+LINEARITY_TOLERANCE = 1e-3
+
+
 def gradient_report(
     graphdef: Any,
     params: Any,
@@ -401,6 +406,15 @@ def gradient_report(
         temperature=temperature,
     )
     pg = {k: np.asarray(v, np.float64) for k, v in per_group.items()}
+    worst = max(float(pg["linearity_error"].max(initial=0.0)), float(batch.linearity_error))
+    if not worst < LINEARITY_TOLERANCE:
+        raise FloatingPointError(
+            f"the role gradients do not add up to the full gradient (relative error {worst:.2e}, "
+            f"tolerance {LINEARITY_TOLERANCE:g}): the numbers would be wrong. The surrogate is "
+            "linear in the role masks, so this is a numerical or compiler fault (e.g. run the "
+            "float32 analysis on a float32 model, or try XLA_FLAGS="
+            "--xla_cpu_experimental_ynn_fusion_type= on a CPU)"
+        )
     live = pg["full_norm"] > 0
     fields = ("norm", "cosine", "contribution", "norm_per_token")
 
