@@ -68,8 +68,7 @@ def results(tmp_path_factory):
     port = _free_port()
     env = dict(os.environ)
     env.update(
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS} "
-        "--xla_cpu_experimental_ynn_fusion_type=",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}",
         JAX_PLATFORMS="cpu",
         PYTHONPATH=os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")]).rstrip(
             os.pathsep
