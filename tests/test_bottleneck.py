@@ -428,15 +428,21 @@ def test_role_gradients_match_jax_grad_at_a_rollout_sized_batch():
 
 
 def test_grouped_role_gradients_match_per_group_and_whole_batch(tiny_policy):
-    """``grouped_role_gradient_stats``: its per-group statistics are ``role_gradient_stats`` with
-    ``group_size``, and its batch statistics (assembled from the groups' gradients weighted by
-    their generated-token counts) those of the whole batch computed directly."""
+    """``grouped_role_gradient_stats``: its per-group statistics are ``role_gradient_stats`` of
+    each group's rows on their own, and its batch statistics (assembled from the groups' gradients
+    weighted by their generated-token counts) those of the whole batch computed directly."""
     cfg, graphdef, params = tiny_policy
     tokens, valid, roles, adv = _grad_batch(cfg.vocab_size)
     per_group, batch = analysis.grouped_role_gradient_stats(
         graphdef, params, tokens, valid, roles, adv, group_size=2
     )
-    want_g = analysis.role_gradient_stats(graphdef, params, tokens, valid, roles, adv, group_size=2)
+    groups = [
+        analysis.role_gradient_stats(
+            graphdef, params, *(x[g : g + 2] for x in (tokens, valid, roles, adv))
+        )
+        for g in (0, 2)
+    ]
+    want_g = jax.tree.map(lambda *xs: np.stack(xs), *groups)
     want_b = analysis.role_gradient_stats(graphdef, params, tokens, valid, roles, adv)
     for got, want in ((per_group, want_g), (batch, want_b)):
         for k in ("full_norm", "norm", "cosine", "contribution", "num_tokens", "norm_per_token"):

@@ -242,21 +242,18 @@ def role_gradient_stats(
     """:class:`RoleGradientStats` of the batch, or of each group (``group_size``; rows group after
     group, leading axis ``[B // G]``). Arguments as in :func:`role_gradients`.
 
-    Groups are processed one after the other (one compiled program for all groups), so memory
-    stays at three parameter-sized gradients whatever the number of groups.
+    With ``group_size`` this is the first half of :func:`grouped_role_gradient_stats`: groups are
+    processed one after the other (one compiled program for all groups), so memory stays at a few
+    parameter-sized gradients whatever the number of groups.
     """
-    arrays = _prepared(tokens, valid, roles, advantages, old_logp, ratio)
-    b = arrays[0].shape[0]
-    if group_size is not None and (group_size < 1 or b % group_size):
-        raise ValueError(f"batch {b} is not a multiple of group_size {group_size}")
+    args = (graphdef, params, tokens, valid, roles, advantages, old_logp)
+    if group_size is not None:
+        return grouped_role_gradient_stats(
+            *args, group_size=group_size, ratio=ratio, temperature=temperature
+        )[0]
+    arrays = _prepared(*args[2:], ratio)
     scalars = (jnp.float32(temperature), jnp.bool_(ratio == "importance"))
-    if group_size is None:
-        return _stats_from_grads(*_role_grads(graphdef, params, *arrays, *scalars))
-    out = []
-    for start in range(0, b, group_size):
-        rows = tuple(x[start : start + group_size] for x in arrays)
-        out.append(_stats_from_grads(*_role_grads(graphdef, params, *rows, *scalars)))
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *out)
+    return _stats_from_grads(*_role_grads(graphdef, params, *arrays, *scalars))
 
 
 def grouped_role_gradient_stats(

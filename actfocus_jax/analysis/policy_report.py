@@ -406,7 +406,8 @@ def gradient_report(
         temperature=temperature,
     )
     pg = {k: np.asarray(v, np.float64) for k, v in per_group.items()}
-    worst = max(float(pg["linearity_error"].max(initial=0.0)), float(batch.linearity_error))
+    worst_group = float(pg["linearity_error"].max(initial=0.0))
+    worst = max(worst_group, float(batch.linearity_error))
     if not worst < LINEARITY_TOLERANCE:
         raise FloatingPointError(
             f"the role gradients do not add up to the full gradient (relative error {worst:.2e}, "
@@ -454,7 +455,7 @@ def gradient_report(
             "group_size": group_size,
             "batch": whole,
             "groups": groups,
-            "max_group_linearity_error": float(pg["linearity_error"].max(initial=0.0)),
+            "max_group_linearity_error": worst_group,
         }
     )
 

@@ -98,8 +98,8 @@ class AlgoConfig:
       critic_warmup_steps: PPO only: for the first ``n`` train steps (``TrainState.step < n``) only
         the critic is updated; the policy and its optimiser state are kept (verl's
         ``critic_warmup``), and its backward pass is skipped (``lax.cond``: the policy loss is
-        still computed and logged, ``grad_norm`` is 0). A fresh value head predicts ~0, so without it PPO's first advantages
-        are the raw returns, far from centred.
+        still computed and logged, ``grad_norm`` is 0). A fresh value head predicts ~0, so
+        without it PPO's first advantages are the raw returns, far from centred.
       whiten_advantages: PPO only: whiten the GAE advantages over the batch's loss tokens
         (:func:`~actfocus_jax.rl.advantages.masked_whiten`: zero mean, unit variance; verl and TRL
         do this by default). Without it, a critic that misses the mean return leaves every token's
