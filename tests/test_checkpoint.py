@@ -346,7 +346,12 @@ def test_killed_mid_save(tmp_path):
     """SIGKILL a process while it writes a large checkpoint: the previous one stays the latest."""
     script = tmp_path / "save.py"
     script.write_text(KILL_SCRIPT)
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), XLA_FLAGS="")
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=str(REPO),
+        XLA_FLAGS="--xla_cpu_experimental_ynn_fusion_type=",
+    )
     proc = subprocess.Popen(
         [sys.executable, str(script), str(tmp_path / "run")],
         env=env,

@@ -68,7 +68,8 @@ def results(tmp_path_factory):
     port = _free_port()
     env = dict(os.environ)
     env.update(
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS} "
+        "--xla_cpu_experimental_ynn_fusion_type=",
         JAX_PLATFORMS="cpu",
         PYTHONPATH=os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")]).rstrip(
             os.pathsep
