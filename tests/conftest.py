@@ -5,7 +5,8 @@ jaxlib 0.10.2 added YNNPACK fusions to XLA:CPU that miscompile some broadcast-mu
 patterns (wrong numbers: jax-ml/jax#39103, and ``tests/test_bottleneck.py``'s rollout-sized role
 gradients) and can crash an Eigen worker thread asynchronously (SIGSEGV surfacing in whatever the
 main thread was compiling: jax-ml/jax#40412, #39257; seen once in this suite, in the middle of
-``test_resume_is_exact...``). ``YNN_OFF`` turns them off for every test process and subprocess.
+``test_resume_is_exact...``). ``YNN_OFF`` turns them off for every test process and subprocess,
+except the one regression test that checks the role gradients under XLA:CPU's default flags.
 """
 
 import os

@@ -399,12 +399,9 @@ def test_role_gradients_are_linear_and_match_jax_grad(tiny_policy):
     np.testing.assert_allclose(sg.num_tokens, [[12, 5], [12, 6]])
 
 
-def test_role_gradients_match_jax_grad_at_a_rollout_sized_batch():
+def check_rollout_sized_role_gradients():
     """Role gradients of an 8 x 264 batch (a Sokoban group's shape, d_model 128) equal
-    ``jax.grad`` of the role-masked surrogate. Regression: computed with ``jax.vmap`` over the
-    three cotangents, XLA:CPU's YNNPACK fusions (jaxlib 0.10.2) miscompiled the pullback at this
-    size (the reasoning and action gradients off by 10-30%, their sum no longer the full one),
-    while the tiny batches of the other tests came out right."""
+    ``jax.grad`` of the role-masked surrogate and add up to the full gradient."""
     from flax import nnx
 
     from actfocus_jax.models import get_config, init_model
@@ -425,6 +422,34 @@ def test_role_gradients_match_jax_grad_at_a_rollout_sized_batch():
         assert _tree_norm(diff) <= 1e-4 * _tree_norm(want), name
     st = analysis.role_gradient_stats(graphdef, params, tokens, valid, roles, adv)
     assert float(st.linearity_error) < 1e-5
+
+
+@pytest.mark.parametrize("ynn", ["off", "on"])
+def test_role_gradients_match_jax_grad_at_a_rollout_sized_batch(ynn):
+    """:func:`check_rollout_sized_role_gradients` with the suite's flags (YNNPACK fusions off) and,
+    in a subprocess, with XLA:CPU's default flags, which users get. Regression for the latter:
+    computed with ``jax.vmap`` over the three cotangents, jaxlib 0.10.2's YNNPACK fusions
+    miscompiled the pullback at this size (the reasoning and action gradients off by 10-30%, their
+    sum no longer the full one), while the tiny batches of the other tests came out right."""
+    if ynn == "off":
+        check_rollout_sized_role_gradients()
+        return
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    env["PYTHONPATH"] = os.pathsep.join([str(here), str(here.parent), env.get("PYTHONPATH", "")])
+    code = (
+        "import jax; jax.config.update('jax_default_matmul_precision', 'highest'); "
+        "import test_bottleneck as t; t.check_rollout_sized_role_gradients()"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_grouped_role_gradients_match_per_group_and_whole_batch(tiny_policy):
