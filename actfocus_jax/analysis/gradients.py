@@ -212,7 +212,7 @@ def _stats_from_grads(grads, counts) -> RoleGradientStats:
     )
     # Two-level float32 sums over the P parameters (blocks of _BLOCK, then the blocks): one dot
     # product over all of P accumulates sequentially on some backends (XLA:CPU without its YNNPACK
-    # fusions: 1e-4 relative error at P = 20k, the squares all being positive).
+    # fusions: 1e-4 relative error at P = 50k, the squares all being positive).
     pad = -flat.shape[1] % _BLOCK
     blocks = jnp.pad(flat, ((0, 0), (0, pad))).reshape(3, -1, _BLOCK)
     gram = jnp.sum(jnp.einsum("ikm,jkm->kij", blocks, blocks), axis=0)  # [3, 3]
