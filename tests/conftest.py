@@ -4,9 +4,10 @@ and XLA:CPU's YNNPACK fusions off.
 jaxlib 0.10.2 added YNNPACK fusions to XLA:CPU that miscompile some broadcast-multiply-reduce
 patterns (wrong numbers: jax-ml/jax#39103, and ``tests/test_bottleneck.py``'s rollout-sized role
 gradients) and can crash an Eigen worker thread asynchronously (SIGSEGV surfacing in whatever the
-main thread was compiling: jax-ml/jax#40412, #39257; seen once in this suite, in the middle of
-``test_resume_is_exact...``). ``YNN_OFF`` turns them off for every test process and subprocess,
-except the one regression test that checks the role gradients under XLA:CPU's default flags.
+main thread was compiling: jax-ml/jax#40412, #39257). ``YNN_OFF`` turns them off for every test
+process and subprocess, except the one regression test that checks the role gradients under
+XLA:CPU's default flags. A worker crash in ``test_resume_is_exact...`` was seen with them on and
+again with them off; that test now runs in a subprocess (``_isolated.py``) that reports a crash.
 """
 
 import os
