@@ -2,7 +2,7 @@
 
 Twice in fresh-clone CI runs (once with XLA:CPU's YNNPACK fusions on, once with them off) a pytest
 worker died of a fatal signal in the middle of ``test_trainer.py::test_resume_is_exact...``; the test
-passes alone, and 60 back-to-back local runs of it (two at a time, as CI runs them) did not crash.
+passes alone, and 20 local runs of it (two at a time, as CI runs them) did not crash.
 The only output CI kept was the end of the worker's faulthandler dump (the main thread's execnet
 frames), not the crashing thread. :func:`run_isolated` runs such a body in a subprocess with
 faulthandler on, so that
