@@ -28,6 +28,14 @@ gains over seeds (:func:`actfocus_jax.analysis.results.held_out_gains`), under `
 config's runs for a one-factor ablation, or GRPO's for ActFocus-GRPO); every other run then gets
 its held-out difference from the reference of its own seed, paired by task
 (:func:`actfocus_jax.analysis.results.reference_gains`), under ``"reference_gain"``.
+
+``--merge`` (repeated): the ``aggregate.json`` of earlier sweeps of the same protocol (same warm
+start, baseline and reference variant; e.g. other seeds, whose run directories may be gone). Their
+held-out gains and reference differences are merged with this sweep's and the per-variant means
+and t-intervals over seeds recomputed over all runs
+(:func:`actfocus_jax.analysis.results.merge_gains`); a run present in both must have identical
+gains (a re-run is deterministic), else the merge is refused. The final-step table stays this
+sweep's own.
 """
 
 from __future__ import annotations
@@ -60,6 +68,51 @@ REFERENCES = flags.DEFINE_multi_string(
     "Run directory of a reference variant (name ending in seed=N); repeat once per seed. Every "
     "run's held-out difference from the reference of its seed, paired by task.",
 )
+
+MERGE = flags.DEFINE_multi_string(
+    "merge",
+    [],
+    "aggregate.json of an earlier sweep of the same protocol (repeatable): its held-out gains and "
+    "reference differences are merged with this sweep's, per-variant statistics over all runs.",
+)
+
+
+def merge_sections(agg: dict, paths: list[str], confidence: float) -> None:
+    """Merges the ``held_out_gain`` / ``reference_gain`` sections of earlier aggregate files into
+    ``agg`` (in place); ``SystemExit`` with the reason when they do not fit."""
+    from actfocus_jax.analysis.results import merge_gains
+
+    earlier = []
+    for path in paths:
+        try:
+            with open(path) as f:
+                earlier.append((path, json.load(f)))
+        except (OSError, json.JSONDecodeError) as e:
+            raise SystemExit(f"[aggregate] --merge={path}: cannot read it ({e})") from None
+    for key in ("held_out_gain", "reference_gain"):
+        if key not in agg:
+            continue
+        parts = []
+        for path, other in earlier:
+            if key not in other:
+                raise SystemExit(
+                    f"[aggregate] --merge={path} has no {key!r}: aggregate that sweep with the "
+                    "same --baseline_per_task / --reference_run flags first"
+                )
+            if key == "held_out_gain" and other[key].get("baseline") != agg[key].get("baseline"):
+                raise SystemExit(
+                    f"[aggregate] --merge={path} has gains over {other[key].get('baseline')}, this "
+                    f"sweep over {agg[key].get('baseline')}: merge only gains over one baseline"
+                )
+            parts.append(other[key])
+        try:
+            merged = merge_gains([*parts, agg[key]], confidence=confidence)
+        except ValueError as e:
+            raise SystemExit(f"[aggregate] --merge: {e}") from None
+        if key == "held_out_gain":
+            merged["baseline"] = agg[key]["baseline"]
+        agg[key] = merged
+    agg["merged_from"] = list(paths)
 
 
 def main(argv: list[str]) -> None:
@@ -121,6 +174,14 @@ def main(argv: list[str]) -> None:
         if rg["unmatched"]:
             print(f"no reference of their seed: {', '.join(rg['unmatched'])}")
         agg["reference_gain"] = rg
+    if MERGE.value:
+        merge_sections(agg, MERGE.value, CONFIDENCE.value)
+        for key in ("held_out_gain", "reference_gain"):
+            if key in agg:
+                print(f"\n{key}, merged with {', '.join(MERGE.value)}\n")
+                print(held_out_gain_markdown(agg[key]))
+                if agg[key].get("repeated"):
+                    print(f"identical in both (re-runs): {', '.join(agg[key]['repeated'])}")
     paths = write_aggregate(agg, OUT_DIR.value or SWEEP_DIR.value)
     print(f"[aggregate] wrote {paths['json']} and {paths['markdown']}")
 

@@ -404,3 +404,100 @@ def test_gain_by_seed_markdown_one_row_per_variant():
         a1["greedy"]["half_width"], 12.7062 * 0.25 / math.sqrt(2) / math.sqrt(2), rel_tol=1e-4
     )
     assert R.gain_by_seed_markdown({"runs": {}}) == ""
+
+
+def _write_sweep_with_per_task(root, spec, per_task):
+    """A fake sweep (``write_fake_sweep``) whose runs have ``rl/final_per_task.json``."""
+    names = write_fake_sweep(root, {v: {s: ((0.5, 0.5), 0.5) for s in seeds} for v, seeds in spec})
+    for name in names:
+        (root / name / "rl" / "final_per_task.json").write_text(
+            json.dumps({m: list(v) for m, v in per_task[name].items()})
+        )
+    return names
+
+
+def test_merge_gains_recomputes_over_the_union_of_sweeps(tmp_path):
+    """An earlier sweep's aggregate.json (seeds 0-1, its run directories deleted) merged with a new
+    sweep (seed 2, plus a re-run of one seed-1 run): the per-variant mean and t-interval over the
+    three seeds equal a NumPy float64 computation over all runs; a re-run with other gains, another
+    reference run or another baseline is refused."""
+    import shutil
+
+    import numpy as np
+
+    rng = np.random.default_rng(11)
+    n = 48
+    draw = lambda: {m: rng.integers(0, 2, n).astype(float) for m in ("greedy", "sampled")}
+    base = draw()
+    (tmp_path / "base.json").write_text(json.dumps({m: v.tolist() for m, v in base.items()}))
+    per_task = {f"{v},seed={s}": draw() for v in ("a=1", "b=2", "d=0") for s in "012"}
+    per_task["a=1,seed=1"] = draw()
+    old_spec = [("d=0", "01"), ("a=1", "01"), ("b=2", "0")]
+    new_spec = [("d=0", "2"), ("a=1", "12"), ("b=2", "2")]  # a=1 seed 1 is run again
+    _write_sweep_with_per_task(tmp_path / "old", old_spec, per_task)
+    _write_sweep_with_per_task(tmp_path / "new", new_spec, per_task)
+
+    def flags(sweep, *seeds):
+        refs = [f"--reference_run={tmp_path / sweep / f'd=0,seed={s}'}" for s in seeds]
+        base_flag = f"--baseline_per_task={tmp_path / 'base.json'}"
+        return [f"--sweep_dir={tmp_path / sweep}", base_flag, *refs]
+
+    run_aggregate(*flags("old", 0, 1))
+    shutil.copy(tmp_path / "old" / "aggregate.json", tmp_path / "old.json")
+    shutil.rmtree(tmp_path / "old")
+    run_aggregate(*flags("new", 2), f"--merge={tmp_path / 'old.json'}")
+    agg = json.loads((tmp_path / "new" / "aggregate.json").read_text())
+    assert agg["merged_from"] == [str(tmp_path / "old.json")]
+
+    t975 = {1: 12.706205, 2: 4.302653}  # t quantiles from tables
+    for key, before in (("held_out_gain", lambda s: base), ("reference_gain", None)):
+        sec = agg[key]
+        # The new sweep has no seed-1 reference: its a=1 seed-1 run is compared in the old one only.
+        assert sec["repeated"] == (["a=1,seed=1"] if before else [])
+        assert sec.get("unmatched", []) == []
+        for variant in ("a=1", "b=2", "d=0"):
+            if key == "reference_gain" and variant == "d=0":
+                assert variant not in sec["variants"]  # the reference is not compared with itself
+                continue
+            seeds = "012" if variant != "b=2" else "02"
+            for m in ("greedy", "sampled"):
+                gains = []
+                for s in seeds:
+                    ref = base if before else per_task[f"d=0,seed={s}"]
+                    gains.append(float(np.mean(per_task[f"{variant},seed={s}"][m] - ref[m])))
+                ci = sec["variants"][variant][m]
+                xs = np.asarray(gains)
+                half = t975[len(xs) - 1] * xs.std(ddof=1) / math.sqrt(len(xs))
+                assert ci["n"] == len(xs)
+                assert math.isclose(ci["mean"], xs.mean(), abs_tol=1e-12)
+                assert math.isclose(ci["half_width"], half, rel_tol=1e-5)
+    assert agg["reference_gain"]["references"] == {
+        "0": str(tmp_path / "old" / "d=0,seed=0"),
+        "1": str(tmp_path / "old" / "d=0,seed=1"),
+        "2": str(tmp_path / "new" / "d=0,seed=2"),
+    }
+    md = (tmp_path / "new" / "aggregate.md").read_text()
+    assert "also hold the runs of" in md and "identical gains: a=1,seed=1" in md
+
+    # A re-run whose gains differ (another warm start, code or machine) is refused, by name.
+    good = json.loads((tmp_path / "old.json").read_text())
+    bad = json.loads(json.dumps(good))
+    bad["held_out_gain"]["runs"]["a=1,seed=1"]["greedy"]["mean"] += 0.01
+    with pytest.raises(ValueError, match="run a=1,seed=1 is in part 1 with other gains"):
+        R.merge_gains([bad["held_out_gain"], agg["held_out_gain"]])
+    # Differences from another reference variant are refused.
+    other_ref = json.loads(json.dumps(good["reference_gain"]))
+    other_ref["references"]["1"] = "runs/x/e=1,seed=1"
+    with pytest.raises(ValueError, match="different reference runs for seed 1"):
+        R.merge_gains([good["reference_gain"], other_ref])
+    # The CLI says what does not fit: gains over another baseline.
+    bad["held_out_gain"]["baseline"] = "elsewhere.json"
+    bad_path = str(tmp_path / "bad.json")
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.aggregate", *flags("new", 2), "--merge", bad_path],
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    assert proc.returncode != 0 and "merge only gains over one baseline" in proc.stderr

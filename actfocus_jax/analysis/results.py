@@ -499,21 +499,28 @@ def _gains_by_variant(
     """:func:`mode_gains` of every run over ``before_of(run)`` (runs where either side has no
     per-task file are skipped) and per variant the mean and t-interval of the runs' mean gains."""
     per_run: dict[str, dict[str, Any]] = {}
-    by_variant: dict[str, dict[str, list[float]]] = {}
     for r in runs:
         pt, before = r.get("per_task"), before_of(r)
         if not pt or not before:
             continue
-        gains = mode_gains(before, pt, modes, confidence)
-        per_run[r["name"]] = gains
-        slot = by_variant.setdefault(r["variant"], {})
+        per_run[r["name"]] = mode_gains(before, pt, modes, confidence)
+    return {"runs": per_run, "variants": _variant_gains(per_run, confidence)}
+
+
+def _variant_gains(
+    per_run: Mapping[str, Mapping[str, Mapping[str, Any]]], confidence: float
+) -> dict[str, dict[str, Any]]:
+    """Per variant (the run name without its seed) and mode, :func:`mean_ci` of the runs' mean
+    gains."""
+    by_variant: dict[str, dict[str, list[float]]] = {}
+    for name, gains in per_run.items():
+        slot = by_variant.setdefault(parse_run_name(name)[0], {})
         for m, g in gains.items():
             slot.setdefault(m, []).append(g["mean"])
-    variants = {
+    return {
         v: {m: mean_ci(xs, confidence) for m, xs in sorted(d.items())}
         for v, d in sorted(by_variant.items())
     }
-    return {"runs": per_run, "variants": variants}
 
 
 def reference_gains(
@@ -562,6 +569,62 @@ def reference_gains(
     out = _gains_by_variant(todo, before_of, modes, confidence)
     out["references"] = {str(s): r["dir"] for s, r in by_seed.items()}
     out["unmatched"] = [r["name"] for r in todo if r["name"] not in out["runs"]]
+    return out
+
+
+def merge_gains(
+    parts: Sequence[Mapping[str, Any]],
+    *,
+    confidence: float = 0.95,
+    atol: float = 1e-9,
+) -> dict[str, Any]:
+    """The union of several :func:`held_out_gains` (or :func:`reference_gains`) results, with the
+    per-variant means and t-intervals recomputed over all their runs: e.g. a new seed's sweep
+    together with an earlier sweep's ``aggregate.json`` whose run directories are gone.
+
+    A run name in more than one part (a re-run of the same config and seed) must have the same
+    paired gains in each, to ``atol``: training and evaluation are deterministic on one machine and
+    code version, so a difference means another warm start, code or machine, and mixing the two
+    would be wrong (:class:`ValueError`, naming the run). Such runs are listed under
+    ``"repeated"``. Reference runs (``"references"``, ``{seed: dir}``) of one seed must have the same
+    run name in every part; the last part's directory is kept.
+    """
+    runs: dict[str, Mapping[str, Any]] = {}
+    repeated: set[str] = set()
+    references: dict[str, str] = {}
+    unmatched: list[str] = []
+    for i, part in enumerate(parts):
+        for name, gains in part.get("runs", {}).items():
+            if name in runs:
+                old = runs[name]
+                diff = {
+                    m: abs(old[m]["mean"] - gains[m]["mean"])
+                    for m in set(old) & set(gains)
+                    if old[m].get("mean") is not None and gains[m].get("mean") is not None
+                }
+                if set(old) != set(gains) or any(d > atol for d in diff.values()):
+                    raise ValueError(
+                        f"run {name} is in part {i} with other gains than in an earlier part "
+                        f"(|difference| {diff}): a re-run from another warm start, code version "
+                        "or machine; merge only results of the same protocol, or rename the runs"
+                    )
+                repeated.add(name)
+            runs[name] = gains
+        for seed, d in part.get("references", {}).items():
+            if seed in references and os.path.basename(os.path.normpath(references[seed])) != (
+                os.path.basename(os.path.normpath(d))
+            ):
+                raise ValueError(
+                    f"parts use different reference runs for seed {seed}: {references[seed]} and "
+                    f"{d}; merge only differences from the same reference variant"
+                )
+            references[str(seed)] = d
+        unmatched += part.get("unmatched", [])
+    out: dict[str, Any] = {"runs": runs, "variants": _variant_gains(runs, confidence)}
+    out["repeated"] = sorted(repeated)
+    if any("references" in p for p in parts):
+        out["references"] = dict(sorted(references.items(), key=lambda kv: _seed_key(kv[0])))
+        out["unmatched"] = sorted({n for n in unmatched if n not in runs})
     return out
 
 
@@ -778,6 +841,11 @@ def write_aggregate(agg: Mapping[str, Any], out_dir: str | os.PathLike) -> dict[
     with open(paths["json"], "w") as f:
         json.dump(agg, f, indent=2, allow_nan=False)
     md = markdown_table(agg)
+    if agg.get("merged_from"):
+        md += (
+            f"\n\nThis table: the runs of {agg.get('sweep_dir', 'this sweep')}. The gain tables "
+            f"below also hold the runs of {', '.join(agg['merged_from'])}."
+        )
     if agg.get("held_out_gain"):
         hg = agg["held_out_gain"]
         md += f"\n\nHeld-out gain over {hg.get('baseline', 'the baseline')}, paired by task:\n\n"
@@ -792,6 +860,11 @@ def write_aggregate(agg: Mapping[str, Any], out_dir: str | os.PathLike) -> dict[
         md += "\n\nPer seed (greedy / sampled):\n\n" + gain_by_seed_markdown(rg)
         if rg.get("unmatched"):
             md += f"\n\nNo reference of their seed: {', '.join(rg['unmatched'])}"
+    repeated = sorted(
+        {n for k in ("held_out_gain", "reference_gain") for n in agg.get(k, {}).get("repeated", [])}
+    )
+    if repeated:
+        md += f"\n\nIn more than one merged sweep, with identical gains: {', '.join(repeated)}"
     with open(paths["markdown"], "w") as f:
         f.write(md + "\n")
     return paths
