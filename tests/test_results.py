@@ -173,14 +173,15 @@ def test_seed_curves(tmp_path):
     assert c["lo"][0] < c["mean"][0] < c["hi"][0]
 
 
-def run_aggregate(*flags: str) -> subprocess.CompletedProcess:
-    """``python -m experiments.aggregate <flags>`` from the repository root (must succeed)."""
+def run_aggregate(*flags: str, check: bool = True) -> subprocess.CompletedProcess:
+    """``python -m experiments.aggregate <flags>`` from the repository root (must succeed unless
+    ``check=False``)."""
     return subprocess.run(
         [sys.executable, "-m", "experiments.aggregate", *flags],
         capture_output=True,
         text=True,
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-        check=True,
+        check=check,
     )
 
 
@@ -494,10 +495,5 @@ def test_merge_gains_recomputes_over_the_union_of_sweeps(tmp_path):
     bad["held_out_gain"]["baseline"] = "elsewhere.json"
     bad_path = str(tmp_path / "bad.json")
     (tmp_path / "bad.json").write_text(json.dumps(bad))
-    proc = subprocess.run(
-        [sys.executable, "-m", "experiments.aggregate", *flags("new", 2), "--merge", bad_path],
-        capture_output=True,
-        text=True,
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-    )
+    proc = run_aggregate(*flags("new", 2), f"--merge={bad_path}", check=False)
     assert proc.returncode != 0 and "merge only gains over one baseline" in proc.stderr

@@ -611,6 +611,7 @@ def merge_gains(
                 repeated.add(name)
             runs[name] = gains
         for seed, d in part.get("references", {}).items():
+            seed = str(seed)
             if seed in references and os.path.basename(os.path.normpath(references[seed])) != (
                 os.path.basename(os.path.normpath(d))
             ):
@@ -618,7 +619,7 @@ def merge_gains(
                     f"parts use different reference runs for seed {seed}: {references[seed]} and "
                     f"{d}; merge only differences from the same reference variant"
                 )
-            references[str(seed)] = d
+            references[seed] = d
         unmatched += part.get("unmatched", [])
     out: dict[str, Any] = {"runs": runs, "variants": _variant_gains(runs, confidence)}
     out["repeated"] = sorted(repeated)
