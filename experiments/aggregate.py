@@ -5,6 +5,7 @@ over seeds.
         [--confidence=0.95] [--include_incomplete] [--out_dir=<dir, default: the sweep directory>]
         [--control=<run dir> [--gain_steps=11,40]] [--baseline_per_task=<per-task JSON>]
         [--reference_run=<run dir of seed 0> --reference_run=<run dir of seed 1> ...]
+        [--train_metrics=train/adv_mean,train/value_loss --bands=1-10,31-40]
 
 Reads every run of a directory made by ``experiments/sweep.py`` (``<run>/rl/metrics.jsonl`` and
 ``<run>/rl/summary.json``), groups the runs by variant (the run name without ``seed=...``), and
@@ -36,6 +37,11 @@ and t-intervals over seeds recomputed over all runs
 (:func:`actfocus_jax.analysis.results.merge_gains`); a run present in both must have identical
 gains (a re-run is deterministic), else the merge is refused. The final-step table stays this
 sweep's own.
+
+``--train_metrics`` with ``--bands``: training metrics of ``metrics.jsonl`` (advantage mean, value
+loss, the action tokens' mean energy, ...) averaged over inclusive step bands per run, and per
+variant the mean and t-interval over seeds (:func:`actfocus_jax.analysis.results.step_bands`),
+under ``"step_bands"``; a run that did not log every step of a band is left out of that band.
 """
 
 from __future__ import annotations
@@ -74,6 +80,15 @@ MERGE = flags.DEFINE_multi_string(
     [],
     "aggregate.json of an earlier sweep of the same protocol (repeatable): its held-out gains and "
     "reference differences are merged with this sweep's, per-variant statistics over all runs.",
+)
+TRAIN_METRICS = flags.DEFINE_list(
+    "train_metrics",
+    [],
+    "metrics.jsonl keys (e.g. train/adv_mean,train/actfocus/action_energy_mean) to average over "
+    "--bands per run and over seeds per variant.",
+)
+BANDS = flags.DEFINE_list(
+    "bands", ["1-10"], "Inclusive step bands for --train_metrics, e.g. 1-10,31-40."
 )
 
 
@@ -115,6 +130,12 @@ def merge_sections(agg: dict, paths: list[str], confidence: float) -> None:
     agg["merged_from"] = list(paths)
 
 
+def _used_runs(agg: dict) -> set[str]:
+    """Names of the runs the final-step table used (finished ones, or all with
+    --include_incomplete)."""
+    return {name for v in agg["variants"] for name in v["runs"]}
+
+
 def main(argv: list[str]) -> None:
     del argv
     from actfocus_jax.analysis.results import (
@@ -122,9 +143,12 @@ def main(argv: list[str]) -> None:
         held_out_gain_markdown,
         held_out_gains,
         paired_gain,
+        parse_bands,
         read_run,
         read_sweep,
         reference_gains,
+        step_bands,
+        step_bands_markdown,
         text_table,
         write_aggregate,
     )
@@ -182,6 +206,17 @@ def main(argv: list[str]) -> None:
                 print(held_out_gain_markdown(agg[key]))
                 if agg[key].get("repeated"):
                     print(f"identical in both (re-runs): {', '.join(agg[key]['repeated'])}")
+    if TRAIN_METRICS.value:
+        try:
+            bands = parse_bands(BANDS.value)
+        except ValueError as e:
+            raise SystemExit(f"[aggregate] --bands: {e}") from None
+        used = [r for r in read_sweep(SWEEP_DIR.value) if r["name"] in _used_runs(agg)]
+        agg["step_bands"] = step_bands(
+            used, TRAIN_METRICS.value, bands, confidence=CONFIDENCE.value
+        )
+        print("\ntraining metrics over step bands, mean over seeds\n")
+        print(step_bands_markdown(agg["step_bands"]))
     paths = write_aggregate(agg, OUT_DIR.value or SWEEP_DIR.value)
     print(f"[aggregate] wrote {paths['json']} and {paths['markdown']}")
 

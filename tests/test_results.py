@@ -497,3 +497,85 @@ def test_merge_gains_recomputes_over_the_union_of_sweeps(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps(bad))
     proc = run_aggregate(*flags("new", 2), f"--merge={bad_path}", check=False)
     assert proc.returncode != 0 and "merge only gains over one baseline" in proc.stderr
+
+
+def _write_band_run(run_dir, values, *, skip_step=None):
+    """A finished run whose metrics.jsonl logs ``train/adv_mean`` = ``values[step - 1]``
+    (``skip_step``: that step's record lacks the key, as a non-finite value would)."""
+    write_fake_run(run_dir, (0.5, 0.5), 0.5, steps=len(values))
+    path = os.path.join(run_dir, "rl", "metrics.jsonl")
+    recs = [json.loads(line) for line in open(path)]
+    for rec, v in zip(recs, values):
+        if rec["step"] != skip_step:
+            rec["train/adv_mean"] = float(v)
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in recs)
+
+
+def test_step_bands_match_numpy_per_run_and_over_seeds(tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    vals = {
+        ("ppo", "0"): rng.normal(2.0, 1.0, 8),
+        ("ppo", "1"): rng.normal(2.0, 1.0, 8),
+        ("ppo", "2"): rng.normal(2.0, 1.0, 8),
+        ("ppo_warm", "0"): rng.normal(0.5, 1.0, 8),
+        ("ppo_warm", "1"): rng.normal(0.5, 1.0, 8),
+    }
+    for (variant, seed), v in vals.items():
+        _write_band_run(tmp_path / f"algo={variant},seed={seed}", v, skip_step=7 * (seed == "1"))
+    runs = R.read_sweep(tmp_path)
+    sb = R.step_bands(runs, ["train/adv_mean", "train/missing"], R.parse_bands(["1-3", "5-8"]))
+    assert sb["bands"] == ["1-3", "5-8"]
+    ppo = sb["variants"]["algo=ppo"]
+    assert "train/missing" not in ppo  # a key no run logged has no row
+    t2, t1 = 4.302653, 12.706205  # t_{0.975} with 2 and 1 degrees of freedom
+    first = [vals[("ppo", s)][0:3].astype(np.float64).mean() for s in "012"]
+    cell = ppo["train/adv_mean"]["1-3"]
+    assert [cell["per_seed"][s] for s in "012"] == pytest.approx(first, rel=1e-12)
+    m, _, h = _reference_ci(first, t2)
+    assert (cell["mean"], cell["half_width"]) == (pytest.approx(m), pytest.approx(h, rel=1e-6))
+    # Seed 1 did not log step 7: its 5-8 band is left out (not averaged over 3 of 4 steps).
+    late = ppo["train/adv_mean"]["5-8"]
+    assert sorted(late["per_seed"]) == ["0", "2"] and late["n"] == 2
+    ref = [vals[("ppo", s)][4:8].mean() for s in "02"]
+    assert late["mean"] == pytest.approx(np.mean(ref), rel=1e-12)
+    assert late["half_width"] == pytest.approx(_reference_ci(ref, t1)[2], rel=1e-6)
+    warm = sb["variants"]["algo=ppo_warm"]["train/adv_mean"]
+    assert warm["1-3"]["n"] == 2 and warm["5-8"]["n"] == 1 and warm["5-8"]["half_width"] is None
+    md = R.step_bands_markdown(sb)
+    assert (
+        md.splitlines()[0]
+        == "| variant | metric | steps 1-3: mean ± t95 (n) | steps 5-8: mean ± t95 (n) |"
+    )
+    assert f"{m:+.3f} ± {h:.3f} (3)" in md
+    # A band beyond the runs' last step is absent, not zero.
+    assert "9-10" not in R.step_bands(runs, ["train/adv_mean"], [(9, 10)])["variants"][
+        "algo=ppo"
+    ].get("train/adv_mean", {})
+
+
+@pytest.mark.parametrize("bad", [["1-"], ["a-3"], ["5-2"], ["-1-3"], []])
+def test_parse_bands_refuses_malformed_bands(bad):
+    with pytest.raises(ValueError, match="band"):
+        R.parse_bands(bad)
+
+
+def test_aggregate_cli_step_bands(tmp_path):
+    for seed, v in (("0", [1.0, 2.0, 3.0, 4.0]), ("1", [3.0, 4.0, 5.0, 6.0])):
+        _write_band_run(tmp_path / "sweep" / f"algo=ppo,seed={seed}", v)
+    run_aggregate(
+        f"--sweep_dir={tmp_path / 'sweep'}", "--train_metrics=train/adv_mean", "--bands=1-2,3-4"
+    )
+    agg = json.loads((tmp_path / "sweep" / "aggregate.json").read_text())
+    cells = agg["step_bands"]["variants"]["algo=ppo"]["train/adv_mean"]
+    assert cells["1-2"]["per_seed"] == {"0": 1.5, "1": 3.5} and cells["3-4"]["mean"] == 4.5
+    assert "steps 3-4" in (tmp_path / "sweep" / "aggregate.md").read_text()
+    bad = run_aggregate(
+        f"--sweep_dir={tmp_path / 'sweep'}",
+        "--train_metrics=train/adv_mean",
+        "--bands=4-1",
+        check=False,
+    )
+    assert bad.returncode != 0 and "--bands" in bad.stderr and "FIRST <= LAST" in bad.stderr

@@ -38,6 +38,7 @@ __all__ = [
     "DEFAULT_METRICS",
     "aggregate",
     "aggregate_sweep",
+    "band_mean",
     "eval_points",
     "gain_by_seed_markdown",
     "held_out_gain_markdown",
@@ -48,12 +49,15 @@ __all__ = [
     "mode_gains",
     "paired_gain",
     "paired_task_gain",
+    "parse_bands",
     "parse_run_name",
     "read_run",
     "read_sweep",
     "reference_gains",
     "run_outcomes",
     "seed_curves",
+    "step_bands",
+    "step_bands_markdown",
     "t_cdf",
     "t_quantile",
     "text_table",
@@ -677,6 +681,93 @@ def seed_curves(
     return out
 
 
+def parse_bands(spec: Iterable[str]) -> list[tuple[int, int]]:
+    """``["1-10", "31-40", "41"]`` -> ``[(1, 10), (31, 40), (41, 41)]`` (inclusive step ranges);
+    ``ValueError`` naming the bad entry otherwise."""
+    bands = []
+    for item in spec:
+        first, dash, last = str(item).strip().partition("-")
+        try:
+            lo, hi = int(first), int(last if dash else first)
+        except ValueError:
+            raise ValueError(f"step band {item!r} is not FIRST-LAST (e.g. 1-10)") from None
+        if lo < 0 or hi < lo:
+            raise ValueError(f"step band {item!r}: need 0 <= FIRST <= LAST")
+        bands.append((lo, hi))
+    if not bands:
+        raise ValueError("no step bands given (e.g. 1-10,31-40)")
+    return bands
+
+
+def band_mean(records: Sequence[Mapping], key: str, band: tuple[int, int]) -> float | None:
+    """Mean of a metrics.jsonl ``key`` over the steps ``band[0]..band[1]`` (inclusive) of one run;
+    ``None`` unless every step of the band logged a finite value (a partial band would compare a
+    different window)."""
+    steps, vals = metric_curve(records, key)
+    by_step = dict(zip(steps, vals))
+    want = range(band[0], band[1] + 1)
+    if any(s not in by_step for s in want):
+        return None
+    return math.fsum(by_step[s] for s in want) / len(want)
+
+
+def step_bands(
+    runs: Sequence[Mapping[str, Any]],
+    keys: Sequence[str],
+    bands: Sequence[tuple[int, int]],
+    *,
+    confidence: float = 0.95,
+) -> dict[str, Any]:
+    """Training metrics (``metrics.jsonl`` keys, e.g. ``train/adv_mean``) averaged over step bands,
+    per run, and per variant the mean and t-interval over seeds.
+
+    Returns ``{"confidence", "keys", "bands": ["1-10", ...], "variants": {variant: {key: {band:
+    {**mean_ci, "per_seed": {seed: band mean}}}}}}``; a run whose band is incomplete
+    (:func:`band_mean` is ``None``) is left out of that band (``n`` says how many seeds remain),
+    a band no seed covers is absent.
+    """
+    names = [f"{lo}-{hi}" for lo, hi in bands]
+    variants: dict[str, dict[str, dict[str, Any]]] = {}
+    for variant in dict.fromkeys(r["variant"] for r in runs):
+        group = sorted(
+            (r for r in runs if r["variant"] == variant), key=lambda r: _seed_key(r.get("seed"))
+        )
+        table: dict[str, dict[str, Any]] = {}
+        for key in keys:
+            cells = {}
+            for name, band in zip(names, bands):
+                per_seed = {
+                    str(r.get("seed")): m
+                    for r in group
+                    if (m := band_mean(r["records"], key, band)) is not None
+                }
+                if per_seed:
+                    cells[name] = {
+                        **mean_ci(per_seed.values(), confidence),
+                        "per_seed": per_seed,
+                    }
+            if cells:
+                table[key] = cells
+        variants[variant] = table
+    return {"confidence": confidence, "keys": list(keys), "bands": names, "variants": variants}
+
+
+def step_bands_markdown(sb: Mapping[str, Any], digits: int = 3) -> str:
+    """One row per (variant, key), one column per band: ``mean ± t (n)`` over seeds (``-`` where
+    no seed covers the band)."""
+    pct = round(100 * sb["confidence"])
+    header = ["variant", "metric", *(f"steps {b}: mean ± t{pct} (n)" for b in sb["bands"])]
+    lines = [_md_row(header), _md_row(["---"] * len(header))]
+    for variant, table in sb["variants"].items():
+        for key, cells in table.items():
+            row = [variant, key]
+            for b in sb["bands"]:
+                ci = cells.get(b)
+                row.append("-" if ci is None else f"{_mean_t_cell(ci, digits)} ({ci['n']})")
+            lines.append(_md_row(row))
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------ tables
 def _fmt(x: Any, digits: int = 3) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
@@ -861,6 +952,9 @@ def write_aggregate(agg: Mapping[str, Any], out_dir: str | os.PathLike) -> dict[
         md += "\n\nPer seed (greedy / sampled):\n\n" + gain_by_seed_markdown(rg)
         if rg.get("unmatched"):
             md += f"\n\nNo reference of their seed: {', '.join(rg['unmatched'])}"
+    if agg.get("step_bands"):
+        md += "\n\nTraining metrics averaged over step bands, mean over seeds:\n\n"
+        md += step_bands_markdown(agg["step_bands"])
     repeated = sorted(
         {n for k in ("held_out_gain", "reference_gain") for n in agg.get(k, {}).get("repeated", [])}
     )
