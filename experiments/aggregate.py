@@ -6,6 +6,8 @@ over seeds.
         [--control=<run dir> [--gain_steps=11,40]] [--baseline_per_task=<per-task JSON>]
         [--reference_run=<run dir of seed 0> --reference_run=<run dir of seed 1> ...]
         [--train_metrics=train/adv_mean,train/value_loss --bands=1-10,31-40]
+        [--merge=<earlier aggregate.json> [--merge_variant=<variant> ...]]
+        [--compare='<variant A>|<variant B>' ...]
 
 Reads every run of a directory made by ``experiments/sweep.py`` (``<run>/rl/metrics.jsonl`` and
 ``<run>/rl/summary.json``), groups the runs by variant (the run name without ``seed=...``), and
@@ -37,6 +39,15 @@ and t-intervals over seeds recomputed over all runs
 (:func:`actfocus_jax.analysis.results.merge_gains`); a run present in both must have identical
 gains (a re-run is deterministic), else the merge is refused. The final-step table stays this
 sweep's own.
+
+``--merge_variant`` (repeated): take only these variants' runs from the ``--merge`` files (e.g. the
+default and plain-GRPO rows of an ablation, for an algorithm comparison).
+
+``--compare='<variant A>|<variant B>'`` (repeated, needs ``--baseline_per_task``): A's mean held-out
+gain minus B's, over all their runs (merged ones included), with Welch's t-interval and the exact
+permutation p-value (:func:`actfocus_jax.analysis.results.variant_differences`), under
+``"variant_differences"``. Use it for variants whose runs share no randomness beyond the tasks
+(e.g. PPO vs GRPO); ``--reference_run`` pairs by seed and task instead.
 
 ``--train_metrics`` with ``--bands``: training metrics of ``metrics.jsonl`` (advantage mean, value
 loss, the action tokens' mean energy, ...) averaged over inclusive step bands per run, and per
@@ -81,6 +92,18 @@ MERGE = flags.DEFINE_multi_string(
     "aggregate.json of an earlier sweep of the same protocol (repeatable): its held-out gains and "
     "reference differences are merged with this sweep's, per-variant statistics over all runs.",
 )
+MERGE_VARIANTS = flags.DEFINE_multi_string(
+    "merge_variant",
+    [],
+    "Take only the runs of this variant from the --merge files (repeatable; default: all), e.g. "
+    "the default and plain-GRPO rows of an ablation.",
+)
+COMPARE = flags.DEFINE_multi_string(
+    "compare",
+    [],
+    "'<variant A>|<variant B>' (repeatable): A's mean held-out gain minus B's over their runs "
+    "(seeds), Welch t-interval and exact permutation p; needs --baseline_per_task.",
+)
 TRAIN_METRICS = flags.DEFINE_list(
     "train_metrics",
     [],
@@ -92,10 +115,13 @@ BANDS = flags.DEFINE_list(
 )
 
 
-def merge_sections(agg: dict, paths: list[str], confidence: float) -> None:
+def merge_sections(
+    agg: dict, paths: list[str], confidence: float, variants: list[str] | None = None
+) -> None:
     """Merges the ``held_out_gain`` / ``reference_gain`` sections of earlier aggregate files into
-    ``agg`` (in place); ``SystemExit`` with the reason when they do not fit."""
-    from actfocus_jax.analysis.results import merge_gains
+    ``agg`` (in place), only the runs of ``variants`` from them when given; ``SystemExit`` with the
+    reason when they do not fit."""
+    from actfocus_jax.analysis.results import merge_gains, parse_run_name
 
     earlier = []
     for path in paths:
@@ -119,7 +145,21 @@ def merge_sections(agg: dict, paths: list[str], confidence: float) -> None:
                     f"[aggregate] --merge={path} has gains over {other[key].get('baseline')}, this "
                     f"sweep over {agg[key].get('baseline')}: merge only gains over one baseline"
                 )
-            parts.append(other[key])
+            part = other[key]
+            if variants:
+                keep = {
+                    n: g
+                    for n, g in part.get("runs", {}).items()
+                    if parse_run_name(n)[0] in variants
+                }
+                if not keep and key == "held_out_gain":
+                    raise SystemExit(
+                        f"[aggregate] --merge={path} has no runs of --merge_variant "
+                        f"{', '.join(variants)}; its variants: "
+                        f"{', '.join(sorted(part.get('variants', {}))) or 'none'}"
+                    )
+                part = {**part, "runs": keep}
+            parts.append(part)
         try:
             merged = merge_gains([*parts, agg[key]], confidence=confidence)
         except ValueError as e:
@@ -144,12 +184,15 @@ def main(argv: list[str]) -> None:
         held_out_gains,
         paired_gain,
         parse_bands,
+        parse_comparison,
         read_run,
         read_sweep,
         reference_gains,
         step_bands,
         step_bands_markdown,
         text_table,
+        variant_differences,
+        variant_differences_markdown,
         write_aggregate,
     )
 
@@ -199,13 +242,25 @@ def main(argv: list[str]) -> None:
             print(f"no reference of their seed: {', '.join(rg['unmatched'])}")
         agg["reference_gain"] = rg
     if MERGE.value:
-        merge_sections(agg, MERGE.value, CONFIDENCE.value)
+        merge_sections(agg, MERGE.value, CONFIDENCE.value, MERGE_VARIANTS.value or None)
         for key in ("held_out_gain", "reference_gain"):
             if key in agg:
                 print(f"\n{key}, merged with {', '.join(MERGE.value)}\n")
                 print(held_out_gain_markdown(agg[key]))
                 if agg[key].get("repeated"):
                     print(f"identical in both (re-runs): {', '.join(agg[key]['repeated'])}")
+    if COMPARE.value:
+        if "held_out_gain" not in agg:
+            raise SystemExit("[aggregate] --compare needs --baseline_per_task (it compares gains)")
+        try:
+            pairs = [parse_comparison(c) for c in COMPARE.value]
+            agg["variant_differences"] = variant_differences(
+                agg["held_out_gain"], pairs, confidence=CONFIDENCE.value
+            )
+        except ValueError as e:
+            raise SystemExit(f"[aggregate] --compare: {e}") from None
+        print("\ndifferences of mean held-out gains between variants (over their seeds)\n")
+        print(variant_differences_markdown(agg["variant_differences"]))
     if TRAIN_METRICS.value:
         try:
             bands = parse_bands(BANDS.value)

@@ -579,3 +579,171 @@ def test_aggregate_cli_step_bands(tmp_path):
         check=False,
     )
     assert bad.returncode != 0 and "--bands" in bad.stderr and "FIRST <= LAST" in bad.stderr
+
+
+# ------------------------------------------------------------ differences between variants
+def _welch_reference(a, b):
+    """Welch's se and Welch-Satterthwaite df in NumPy float64."""
+    import numpy as np
+
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
+    df = (va + vb) ** 2 / (va**2 / (a.size - 1) + vb**2 / (b.size - 1))
+    return a.mean() - b.mean(), float(np.sqrt(va + vb)), float(df)
+
+
+def test_welch_difference_hand_case_and_float64_reference():
+    # Equal sizes and variances: df = 2n - 2 = 4, se = sqrt(2/3), t_{0.975, 4} = 2.7764 (tables).
+    d = R.welch_difference([1.0, 2.0, 3.0], [2.0, 3.0, 4.0])
+    assert d["mean"] == -1.0 and d["df_used"] == 4 and math.isclose(d["df"], 4.0)
+    assert math.isclose(d["half_width"], 2.7764 * math.sqrt(2 / 3), rel_tol=1e-4)
+    assert (d["n_a"], d["n_b"]) == (3, 3)
+
+    import numpy as np
+
+    rng = np.random.default_rng(5)
+    for na, nb, sa, sb in [(5, 5, 0.02, 0.05), (3, 7, 0.1, 0.01), (4, 6, 1.0, 1.0)]:
+        a, b = rng.normal(0.04, sa, na), rng.normal(0.0, sb, nb)
+        mean, se, df = _welch_reference(a, b)
+        d = R.welch_difference(a.tolist(), b.tolist(), confidence=0.9)
+        assert math.isclose(d["mean"], mean, abs_tol=1e-15)
+        assert math.isclose(d["se"], se, rel_tol=1e-12) and math.isclose(d["df"], df, rel_tol=1e-12)
+        assert d["df_used"] == math.floor(df)  # rounded down: the conservative side
+        half = R.t_quantile(0.95, math.floor(df)) * se
+        assert math.isclose(d["half_width"], half, rel_tol=1e-9)
+        assert math.isclose(d["lo"], mean - half) and math.isclose(d["hi"], mean + half)
+
+    # Degenerate inputs: one run a side gives a difference without an interval; none gives none.
+    one = R.welch_difference([0.1], [0.3, 0.2, float("nan"), None])
+    assert math.isclose(one["mean"], -0.15) and one["lo"] is None and one["n_b"] == 2
+    assert R.welch_difference([], [1.0, 2.0])["mean"] is None
+    with pytest.raises(ValueError, match="confidence"):
+        R.welch_difference([1.0, 2.0], [1.0, 2.0], confidence=1.0)
+
+
+def test_welch_interval_covers_the_true_difference_on_synthetic_data():
+    """Normal samples of unequal sizes and variances with a known mean difference: the 95% Welch
+    interval covers it in ~95% of 3000 draws (floored df: slightly conservative; a binomial 3-sigma
+    band around 0.95 is 0.938-0.962)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    covered = 0
+    reps = 3000
+    for _ in range(reps):
+        a, b = rng.normal(0.5, 1.0, 5), rng.normal(0.0, 3.0, 7)
+        d = R.welch_difference(a.tolist(), b.tolist(), permutation=False)
+        covered += d["lo"] <= 0.5 <= d["hi"]
+    assert 0.94 <= covered / reps <= 0.97, covered / reps
+
+
+def test_permutation_p_value_exact_enumeration():
+    import itertools
+
+    import numpy as np
+
+    # Complete separation of 5 vs 5: only the observed split and its mirror are as extreme.
+    assert math.isclose(R.permutation_p_value([5, 6, 7, 8, 9], [0, 1, 2, 3, 4]), 2 / 252)
+    # Three a side can never reach 0.05 (the smallest p is 2 / C(6, 3) = 0.1).
+    assert math.isclose(R.permutation_p_value([1, 2, 3], [4, 5, 6]), 0.1)
+    assert R.permutation_p_value([0.2, 0.2], [0.2, 0.2, 0.2]) == 1.0
+    assert R.permutation_p_value([], [1.0]) is None
+    assert R.permutation_p_value([0.0] * 11, [1.0] * 11) is None  # C(22, 11) > the cap
+
+    # Against a vectorised NumPy enumeration of all splits.
+    rng = np.random.default_rng(3)
+    for na, nb in [(4, 5), (3, 3), (6, 2)]:
+        x = rng.normal(size=na + nb)
+        a, b = x[:na], x[na:]
+        obs = abs(a.mean() - b.mean())
+        idx = np.array(list(itertools.combinations(range(na + nb), na)))
+        mask = np.zeros((len(idx), na + nb), bool)
+        mask[np.arange(len(idx))[:, None], idx] = True
+        da = (mask * x).sum(1) / na - (~mask * x).sum(1) / nb
+        ref = float(np.mean(np.abs(da) >= obs - 1e-12))
+        assert math.isclose(R.permutation_p_value(a.tolist(), b.tolist()), ref)
+        # Two-sided: swapping the sides changes nothing.
+        assert math.isclose(R.permutation_p_value(b.tolist(), a.tolist()), ref)
+
+
+def test_variant_differences_and_its_errors():
+    g = lambda greedy, sampled: {"greedy": {"mean": greedy}, "sampled": {"mean": sampled}}
+    gains = {
+        "runs": {
+            "algo.algo=ppo,seed=0": g(0.02, 0.08),
+            "algo.algo=ppo,seed=1": g(0.08, 0.06),
+            "algo.algo=ppo,seed=2": g(-0.01, 0.07),
+            "actfocus.enabled=true,seed=0": g(0.04, 0.04),
+            "actfocus.enabled=true,seed=1": g(0.00, 0.03),
+        }
+    }
+    vd = R.variant_differences(gains, [("algo.algo=ppo", "actfocus.enabled=true")])
+    (pair,) = vd["pairs"]
+    assert pair["seeds_a"] == ["0", "1", "2"] and pair["seeds_b"] == ["0", "1"]
+    for m, a, b in [
+        ("greedy", [0.02, 0.08, -0.01], [0.04, 0.0]),
+        ("sampled", [0.08, 0.06, 0.07], [0.04, 0.03]),
+    ]:
+        ref = R.welch_difference(a, b)
+        assert pair["modes"][m] == ref
+    # sampled: every PPO run above every ActFocus run, and with 3 vs 2 the mirrored split is less
+    # extreme (|0.0433 - 0.075| < 0.035): only the observed split of C(5, 2) = 10 counts.
+    assert math.isclose(pair["modes"]["sampled"]["p_permutation"], 0.1)
+    md = R.variant_differences_markdown(vd)
+    assert "algo.algo=ppo minus actfocus.enabled=true" in md and "| 3 / 2 |" in md
+    with pytest.raises(ValueError, match=r"variant 'x=1' has no runs.*algo\.algo=ppo"):
+        R.variant_differences(gains, [("x=1", "algo.algo=ppo")])
+    assert R.parse_comparison(" a=1 | b=2,c=3 ") == ("a=1", "b=2,c=3")
+    for bad in ["a=1", "a=1|", "a|b|c"]:
+        with pytest.raises(ValueError, match="must be '<variant A>\\|<variant B>'"):
+            R.parse_comparison(bad)
+
+
+def test_aggregate_cli_merge_variant_and_compare(tmp_path):
+    """An earlier sweep (its directories gone) merged for two of its three variants only, then
+    --compare over the union: the difference and Welch interval equal a NumPy computation over
+    the runs' per-task gains; an unknown variant or a missing baseline is refused, by name."""
+    import shutil
+
+    import numpy as np
+
+    rng = np.random.default_rng(2)
+    n = 40
+    draw = lambda: {m: rng.integers(0, 2, n).astype(float) for m in ("greedy", "sampled")}
+    base = draw()
+    (tmp_path / "base.json").write_text(json.dumps({m: v.tolist() for m, v in base.items()}))
+    per_task = {f"{v},seed={s}": draw() for v in ("a=1", "b=2", "d=0") for s in "0123"}
+    _write_sweep_with_per_task(
+        tmp_path / "old", [("a=1", "01"), ("b=2", "01"), ("d=0", "01")], per_task
+    )
+    _write_sweep_with_per_task(tmp_path / "new", [("a=1", "23"), ("d=0", "2")], per_task)
+    base_flag = f"--baseline_per_task={tmp_path / 'base.json'}"
+    run_aggregate(f"--sweep_dir={tmp_path / 'old'}", base_flag)
+    shutil.copy(tmp_path / "old" / "aggregate.json", tmp_path / "old.json")
+    shutil.rmtree(tmp_path / "old")
+    new = [f"--sweep_dir={tmp_path / 'new'}", base_flag, f"--merge={tmp_path / 'old.json'}"]
+    run_aggregate(*new, "--merge_variant=a=1", "--merge_variant=d=0", "--compare=a=1|d=0")
+    agg = json.loads((tmp_path / "new" / "aggregate.json").read_text())
+    assert sorted(agg["held_out_gain"]["variants"]) == ["a=1", "d=0"]  # b=2 left out
+    (pair,) = agg["variant_differences"]["pairs"]
+    assert pair["seeds_a"] == ["0", "1", "2", "3"] and pair["seeds_b"] == ["0", "1", "2"]
+    for m in ("greedy", "sampled"):
+        gain = lambda v, seeds, m=m: [
+            float(np.mean(per_task[f"{v},seed={s}"][m] - base[m])) for s in seeds
+        ]
+        mean, se, df = _welch_reference(gain("a=1", "0123"), gain("d=0", "012"))
+        d = pair["modes"][m]
+        assert math.isclose(d["mean"], mean, abs_tol=1e-12) and math.isclose(
+            d["se"], se, rel_tol=1e-9
+        )
+        assert math.isclose(d["df"], df, rel_tol=1e-9)
+    assert "a=1 minus d=0" in (tmp_path / "new" / "aggregate.md").read_text()
+
+    # Without --merge_variant every merged variant is there; with it, b=2 is not.
+    run_aggregate(*new, "--compare=a=1|b=2")
+    proc = run_aggregate(*new, "--merge_variant=a=1", "--compare=a=1|b=2", check=False)
+    assert proc.returncode != 0 and "variant 'b=2' has no runs" in proc.stderr
+    proc = run_aggregate(*new, "--merge_variant=zzz=1", check=False)
+    assert proc.returncode != 0 and "no runs of --merge_variant zzz=1" in proc.stderr
+    proc = run_aggregate(f"--sweep_dir={tmp_path / 'new'}", "--compare=a=1|d=0", check=False)
+    assert proc.returncode != 0 and "--compare needs --baseline_per_task" in proc.stderr

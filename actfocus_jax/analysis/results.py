@@ -36,6 +36,7 @@ from actfocus_jax.train.logging import read_metrics
 
 __all__ = [
     "DEFAULT_METRICS",
+    "MAX_PERMUTATION_SPLITS",
     "aggregate",
     "aggregate_sweep",
     "band_mean",
@@ -50,7 +51,9 @@ __all__ = [
     "paired_gain",
     "paired_task_gain",
     "parse_bands",
+    "parse_comparison",
     "parse_run_name",
+    "permutation_p_value",
     "read_run",
     "read_sweep",
     "reference_gains",
@@ -61,6 +64,9 @@ __all__ = [
     "t_cdf",
     "t_quantile",
     "text_table",
+    "variant_differences",
+    "variant_differences_markdown",
+    "welch_difference",
     "write_aggregate",
 ]
 
@@ -633,6 +639,162 @@ def merge_gains(
     return out
 
 
+# ----------------------------------------------------------------- differences between variants
+#: Largest number of label splits the exact permutation test enumerates (C(20, 10) = 184,756).
+MAX_PERMUTATION_SPLITS = 200_000
+
+
+def permutation_p_value(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """Exact two-sided permutation p-value of ``mean(a) - mean(b)``: the share of all
+    ``C(n_a + n_b, n_a)`` relabellings of the pooled values whose ``|mean difference|`` is at least
+    the observed one (the observed split counts, so ``p >= 1 / C``). No normality assumed; with
+    ``n_a = n_b = 3`` the smallest possible p is ``2 / 20 = 0.1``, so three runs a side can never
+    reach 0.05. ``None`` when either side is empty or there are more than
+    :data:`MAX_PERMUTATION_SPLITS` splits."""
+    import itertools
+
+    xs = [float(v) for v in (*a, *b)]
+    na, n = len(a), len(a) + len(b)
+    if not a or not b or math.comb(n, na) > MAX_PERMUTATION_SPLITS:
+        return None
+    total = math.fsum(xs)
+
+    def diff(idx: Sequence[int]) -> float:
+        sa = math.fsum(xs[i] for i in idx)
+        return sa / na - (total - sa) / (n - na)
+
+    observed = abs(diff(range(na)))
+    tol = 1e-12 * max(1.0, observed)
+    splits = list(itertools.combinations(range(n), na))
+    hits = sum(abs(diff(idx)) >= observed - tol for idx in splits)
+    return hits / len(splits)
+
+
+def welch_difference(
+    a: Iterable[float], b: Iterable[float], confidence: float = 0.95, *, permutation: bool = True
+) -> dict[str, Any]:
+    """Difference of two independent means, ``mean(a) - mean(b)``, with Welch's t-interval and the
+    exact permutation p-value: e.g. the held-out gains of two algorithms, one value per seed (runs
+    of different algorithms share no randomness beyond the tasks, so they are not paired by seed).
+
+    ``se = sqrt(s_a^2 / n_a + s_b^2 / n_b)``; Welch-Satterthwaite ``df = se^4 / ((s_a^2/n_a)^2 /
+    (n_a - 1) + (s_b^2/n_b)^2 / (n_b - 1))``, rounded *down* to an integer for the t quantile
+    (:func:`t_quantile` takes integer df; rounding down widens the interval slightly, so it stays
+    conservative). Returns ``{"mean", "lo", "hi", "half_width", "se", "df", "df_used", "n_a",
+    "n_b", "p_permutation", "confidence"}``; the interval fields are ``None`` unless both sides have
+    at least 2 values, ``mean`` is ``None`` if either side is empty (``p_permutation`` also with
+    ``permutation=False``). Non-finite and ``None`` values are dropped."""
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    clean = lambda vs: [float(v) for v in vs if v is not None and math.isfinite(float(v))]
+    xa, xb = clean(a), clean(b)
+    out: dict[str, Any] = dict.fromkeys(("mean", "lo", "hi", "half_width", "se", "df", "df_used"))
+    out.update(n_a=len(xa), n_b=len(xb), confidence=confidence, p_permutation=None)
+    if not xa or not xb:
+        return out
+    ma, mb = math.fsum(xa) / len(xa), math.fsum(xb) / len(xb)
+    out["mean"] = ma - mb
+    out["p_permutation"] = permutation_p_value(xa, xb) if permutation else None
+    if len(xa) < 2 or len(xb) < 2:
+        return out
+    va = math.fsum((x - ma) ** 2 for x in xa) / (len(xa) - 1) / len(xa)
+    vb = math.fsum((x - mb) ** 2 for x in xb) / (len(xb) - 1) / len(xb)
+    se = math.sqrt(va + vb)
+    if se == 0.0:
+        df = float(len(xa) + len(xb) - 2)
+    else:
+        df = (va + vb) ** 2 / (va**2 / (len(xa) - 1) + vb**2 / (len(xb) - 1))
+    df_used = max(1, math.floor(df + 1e-9))
+    h = t_quantile(0.5 + confidence / 2.0, df_used) * se
+    out.update(se=se, df=df, df_used=df_used, lo=out["mean"] - h, hi=out["mean"] + h, half_width=h)
+    return out
+
+
+def parse_comparison(spec: str) -> tuple[str, str]:
+    """``"<variant A>|<variant B>"`` (A minus B) as a pair; ``ValueError`` naming the problem."""
+    parts = spec.split("|")
+    if len(parts) != 2 or not all(p.strip() for p in parts):
+        raise ValueError(
+            f"comparison {spec!r} must be '<variant A>|<variant B>' (A minus B), e.g. "
+            "'algo.algo=ppo,actfocus.enabled=false|actfocus.enabled=true'"
+        )
+    return parts[0].strip(), parts[1].strip()
+
+
+def variant_differences(
+    gains: Mapping[str, Any],
+    comparisons: Sequence[tuple[str, str]],
+    *,
+    confidence: float = 0.95,
+) -> dict[str, Any]:
+    """Differences between variants of their runs' mean held-out gains (A minus B), per mode, with
+    :func:`welch_difference` over the runs (seeds) of each side.
+
+    Args:
+      gains: a :func:`held_out_gains` (or merged, :func:`merge_gains`) dict: ``{"runs": {name:
+        {mode: {"mean": ...}}}}``; both variants must be gains over the same baseline.
+      comparisons: ``(A, B)`` variant names (run names without ``seed=``).
+
+    Returns:
+      ``{"confidence", "pairs": [{"a", "b", "seeds_a", "seeds_b", "modes": {mode:
+      welch_difference}}]}``. ``ValueError`` naming a variant without runs (and the ones there are).
+    """
+    by_variant: dict[str, dict[str, Mapping[str, Any]]] = {}
+    for name, g in gains.get("runs", {}).items():
+        variant, seed = parse_run_name(name)
+        by_variant.setdefault(variant, {})[str(seed)] = g
+    pairs = []
+    for a, b in comparisons:
+        for v in (a, b):
+            if v not in by_variant:
+                raise ValueError(
+                    f"variant {v!r} has no runs with held-out gains; variants: "
+                    f"{', '.join(sorted(by_variant)) or 'none'}"
+                )
+        ra, rb = by_variant[a], by_variant[b]
+        modes = [
+            m for m in ("greedy", "sampled") if any(m in g for g in (*ra.values(), *rb.values()))
+        ]
+        modes += sorted({m for g in (*ra.values(), *rb.values()) for m in g} - set(modes))
+        pairs.append(
+            {
+                "a": a,
+                "b": b,
+                "seeds_a": sorted(ra, key=_seed_key),
+                "seeds_b": sorted(rb, key=_seed_key),
+                "modes": {
+                    m: welch_difference(
+                        [g[m]["mean"] for g in ra.values() if m in g],
+                        [g[m]["mean"] for g in rb.values() if m in g],
+                        confidence,
+                    )
+                    for m in modes
+                },
+            }
+        )
+    return {"confidence": confidence, "pairs": pairs}
+
+
+def variant_differences_markdown(vd: Mapping[str, Any], digits: int = 3) -> str:
+    """One row per comparison: ``n_a`` / ``n_b`` runs, per mode the difference of mean gains with
+    its Welch interval (bold when it excludes 0) and the exact permutation p-value."""
+    pct = round(100 * vd["confidence"])
+    modes = list(dict.fromkeys(m for p in vd["pairs"] for m in p["modes"]))
+    header = ["A minus B", "runs A / B"]
+    for m in modes:
+        header += [f"{m}: difference [Welch {pct}% CI]", f"{m}: permutation p"]
+    lines = [_md_row(header), _md_row(["---"] * len(header))]
+    for p in vd["pairs"]:
+        row = [f"{p['a']} minus {p['b']}", f"{len(p['seeds_a'])} / {len(p['seeds_b'])}"]
+        for m in modes:
+            d = p["modes"].get(m)
+            row.append("-" if d is None else _gain_cell(d, digits))
+            pv = None if d is None else d.get("p_permutation")
+            row.append("-" if pv is None else f"{pv:.3f}")
+        lines.append(_md_row(row))
+    return "\n".join(lines)
+
+
 def aggregate_sweep(
     sweep_dir: str | os.PathLike,
     metrics: Sequence[str] = DEFAULT_METRICS,
@@ -952,6 +1114,10 @@ def write_aggregate(agg: Mapping[str, Any], out_dir: str | os.PathLike) -> dict[
         md += "\n\nPer seed (greedy / sampled):\n\n" + gain_by_seed_markdown(rg)
         if rg.get("unmatched"):
             md += f"\n\nNo reference of their seed: {', '.join(rg['unmatched'])}"
+    if agg.get("variant_differences"):
+        md += "\n\nDifferences of mean held-out gains between variants, over their runs (seeds; "
+        md += "Welch t-interval, exact permutation p):\n\n"
+        md += variant_differences_markdown(agg["variant_differences"])
     if agg.get("step_bands"):
         md += "\n\nTraining metrics averaged over step bands, mean over seeds:\n\n"
         md += step_bands_markdown(agg["step_bands"])
