@@ -297,6 +297,43 @@ def test_whitened_ppo_advantages_match_the_float64_reference(rollout):
         AlgoConfig(algo="grpo", whiten_advantages=True)
 
 
+def test_critic_diagnostics_match_the_float64_reference(rollout):
+    """``value_mean`` / ``return_mean`` / ``value_explained_var`` are the masked mean of the
+    rollout-time values and GAE returns and ``1 - Var(R - V) / Var(R)`` over the loss tokens
+    (NumPy float64 from the step's own per-token intermediates): 0 / mean R / 0 for a fresh
+    zero-head critic, the same formulas once the critic has learned a step; GRPO reports 0."""
+    model, batch = rollout
+    cfg = AlgoConfig(algo="ppo", group_size=GROUP)
+    graphdef, _ = nnx.split(model)
+    critic = value_model_from_policy(model)
+    statics = TrainStatics(
+        policy_graphdef=graphdef,
+        critic_graphdef=nnx.split(critic)[0],
+        optimizer=make_optimizer(1e-3),
+        critic_optimizer=make_optimizer(1e-2),
+        config=cfg,
+    )
+    state = init_train_state(model, statics, critic)
+    step = jax.jit(train_step, static_argnames="statics")
+    mask = np.asarray(batch.loss_mask, bool)
+    for k in range(2):
+        state, m = step(state, batch, jax.random.key(k), statics=statics)
+        v = np.asarray(m.tokens.values, np.float64)[mask]
+        r = np.asarray(m.tokens.returns, np.float64)[mask]
+        ev = 1.0 - np.var(r - v) / np.var(r)
+        np.testing.assert_allclose(float(m.value_mean), v.mean(), atol=1e-5)
+        np.testing.assert_allclose(float(m.return_mean), r.mean(), atol=1e-5)
+        np.testing.assert_allclose(float(m.value_explained_var), ev, atol=1e-5)
+        # The advantages are R - V (gamma = lam = 1): their mean is the gap of the two means.
+        np.testing.assert_allclose(float(m.adv_mean), r.mean() - v.mean(), atol=1e-4)
+        if k == 0:  # zero head: V = 0, nothing explained
+            assert float(m.value_mean) == 0.0 and float(m.value_explained_var) == 0.0
+            assert np.var(r) > 0
+    assert float(m.value_mean) != 0.0  # the critic learned in step 0
+    _, _, g = _update(model, batch, AlgoConfig(algo="grpo", group_size=GROUP))
+    assert float(g.value_mean) == float(g.return_mean) == float(g.value_explained_var) == 0.0
+
+
 def _widen(batch, extra):
     """``batch`` with ``extra`` padding columns appended (not valid, not in the loss)."""
 

@@ -352,6 +352,13 @@ class StepMetrics:
     critic_grad_norm: chex.Array
     adv_mean: chex.Array
     adv_std: chex.Array
+    # PPO critic diagnostics over the loss tokens, at rollout time (GRPO: 0): the critic's mean
+    # value, the mean GAE return (its target), and the explained variance
+    # 1 - Var(R - V) / Var(R) (0 when Var(R) = 0). value_mean far below return_mean means the
+    # advantages are uncentred (a fresh zero-head critic predicts 0).
+    value_mean: chex.Array
+    return_mean: chex.Array
+    value_explained_var: chex.Array
     first_ratio_dev: chex.Array
     num_rejected: chex.Array
     actfocus: ActFocusStats
@@ -594,6 +601,11 @@ def train_step(
     mean = lambda name: jnp.mean(aux[name])
     adv_mean = _masked_mean(adv, mask)
     adv_std = jnp.sqrt(_masked_mean((adv - adv_mean) ** 2, mask))
+    value_mean, return_mean = _masked_mean(values, mask), _masked_mean(returns, mask)
+    var_r = _masked_mean((returns - return_mean) ** 2, mask)
+    resid = returns - values
+    var_resid = _masked_mean((resid - _masked_mean(resid, mask)) ** 2, mask)
+    explained_var = jnp.where(var_r > 0, 1.0 - var_resid / jnp.where(var_r > 0, var_r, 1.0), 0.0)
     metrics = StepMetrics(
         loss=mean("loss"),
         pg_loss=mean("pg_loss"),
@@ -609,6 +621,9 @@ def train_step(
         critic_grad_norm=mean("critic_grad_norm"),
         adv_mean=adv_mean,
         adv_std=adv_std,
+        value_mean=value_mean,
+        return_mean=return_mean,
+        value_explained_var=explained_var,
         first_ratio_dev=aux["ratio_dev"][0, 0],
         num_rejected=jnp.sum(aux["rejected"]),
         actfocus=af_stats,
