@@ -26,6 +26,7 @@ optimistic than the per-seed best).
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -651,8 +652,6 @@ def permutation_p_value(a: Sequence[float], b: Sequence[float]) -> float | None:
     ``n_a = n_b = 3`` the smallest possible p is ``2 / 20 = 0.1``, so three runs a side can never
     reach 0.05. ``None`` when either side is empty or there are more than
     :data:`MAX_PERMUTATION_SPLITS` splits."""
-    import itertools
-
     xs = [float(v) for v in (*a, *b)]
     na, n = len(a), len(a) + len(b)
     if not a or not b or math.comb(n, na) > MAX_PERMUTATION_SPLITS:
@@ -665,9 +664,8 @@ def permutation_p_value(a: Sequence[float], b: Sequence[float]) -> float | None:
 
     observed = abs(diff(range(na)))
     tol = 1e-12 * max(1.0, observed)
-    splits = list(itertools.combinations(range(n), na))
-    hits = sum(abs(diff(idx)) >= observed - tol for idx in splits)
-    return hits / len(splits)
+    hits = sum(abs(diff(idx)) >= observed - tol for idx in itertools.combinations(range(n), na))
+    return hits / math.comb(n, na)
 
 
 def welch_difference(
@@ -752,10 +750,7 @@ def variant_differences(
                     f"{', '.join(sorted(by_variant)) or 'none'}"
                 )
         ra, rb = by_variant[a], by_variant[b]
-        modes = [
-            m for m in ("greedy", "sampled") if any(m in g for g in (*ra.values(), *rb.values()))
-        ]
-        modes += sorted({m for g in (*ra.values(), *rb.values()) for m in g} - set(modes))
+        modes = _ordered_modes([*ra.values(), *rb.values()])
         pairs.append(
             {
                 "a": a,
@@ -1036,14 +1031,21 @@ def held_out_gain_markdown(hg: Mapping[str, Any], digits: int = 3) -> str:
     return "\n".join(lines)
 
 
+def _ordered_modes(gains: Iterable[Mapping[str, Any]]) -> list[str]:
+    """The evaluation modes present in any of ``gains`` (``{mode: ...}`` dicts): greedy and sampled
+    first, then the others sorted."""
+    gains = list(gains)
+    modes = [m for m in ("greedy", "sampled") if any(m in g for g in gains)]
+    return modes + sorted({m for g in gains for m in g} - set(modes))
+
+
 def gain_by_seed_markdown(hg: Mapping[str, Any], digits: int = 3) -> str:
     """The compact table of :func:`held_out_gains` (or :func:`reference_gains`) used in the
     README: one row per variant, one column per seed with its ``greedy / sampled`` gains (bold
     where that run's interval over tasks excludes 0), then the mean over seeds ± the t
     half-width per mode."""
     runs = hg.get("runs", {})
-    modes = [m for m in ("greedy", "sampled") if any(m in g for g in runs.values())]
-    modes += sorted({m for g in runs.values() for m in g} - set(modes))
+    modes = _ordered_modes(runs.values())
     if not modes:
         return ""
     by_variant: dict[str, dict[str, Mapping[str, Any]]] = {}

@@ -375,6 +375,11 @@ def _masked_mean(x, mask):
     return jnp.sum(x * m) / jnp.maximum(jnp.sum(m), 1.0)
 
 
+def _masked_var(x, mask):
+    """Population variance of ``x`` over the ``mask`` tokens."""
+    return _masked_mean((x - _masked_mean(x, mask)) ** 2, mask)
+
+
 def _advantages(
     statics: TrainStatics, state: TrainState, batch: TrainBatch, ref_logp, shuffle_key=None
 ):
@@ -600,11 +605,9 @@ def train_step(
     state = state.replace(step=state.step + 1)
     mean = lambda name: jnp.mean(aux[name])
     adv_mean = _masked_mean(adv, mask)
-    adv_std = jnp.sqrt(_masked_mean((adv - adv_mean) ** 2, mask))
+    adv_std = jnp.sqrt(_masked_var(adv, mask))
     value_mean, return_mean = _masked_mean(values, mask), _masked_mean(returns, mask)
-    var_r = _masked_mean((returns - return_mean) ** 2, mask)
-    resid = returns - values
-    var_resid = _masked_mean((resid - _masked_mean(resid, mask)) ** 2, mask)
+    var_r, var_resid = _masked_var(returns, mask), _masked_var(returns - values, mask)
     explained_var = jnp.where(var_r > 0, 1.0 - var_resid / jnp.where(var_r > 0, var_r, 1.0), 0.0)
     metrics = StepMetrics(
         loss=mean("loss"),
