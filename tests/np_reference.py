@@ -109,6 +109,20 @@ def masked_whiten(x, mask, *, shift_mean=True, eps=1e-8):
     return out
 
 
+def masked_group_center(x, mask, group_size):
+    """Each group's rows (group after group) minus the mean over the group's masked entries."""
+    out = np.zeros(np.shape(x), np.float64)
+    for g in range(np.shape(x)[0] // group_size):
+        rows = range(g * group_size, (g + 1) * group_size)
+        vals = [float(x[b][t]) for b in rows for t in range(np.shape(x)[1]) if mask[b][t]]
+        mean = sum(vals) / len(vals) if vals else 0.0
+        for b in rows:
+            for t in range(np.shape(x)[1]):
+                if mask[b][t]:
+                    out[b, t] = float(x[b][t]) - mean
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # Losses
 # ----------------------------------------------------------------------------------------------

@@ -247,3 +247,41 @@ def test_masked_whiten_matches_reference():
             atol=1e-5,
         )
     assert np.all(np.isfinite(adv.masked_whiten(x, np.zeros_like(mask))))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    groups=st.integers(1, 4),
+    group_size=st.integers(1, 5),
+    length=st.integers(1, 9),
+)
+def test_masked_group_center_matches_reference_and_centres_each_group(
+    seed, groups, group_size, length
+):
+    """Against the float64 loop reference; every group's masked entries then average to 0, a
+    per-group constant added to the input changes nothing, and masked-out entries are 0 (also for
+    a group without any masked token)."""
+    rng = np.random.default_rng(seed)
+    shape = (groups * group_size, length)
+    x = (rng.normal(size=shape) * 3 + rng.normal() * 5).astype(np.float32)
+    mask = rng.random(shape) < 0.6
+    if groups > 1:
+        mask[:group_size] = False  # an empty group
+    out = np.asarray(adv.masked_group_center(x, mask, group_size))
+    np.testing.assert_allclose(out, ref.masked_group_center(x, mask, group_size), atol=2e-5)
+    assert np.all(out[~mask] == 0)
+    for g in range(groups):
+        rows = slice(g * group_size, (g + 1) * group_size)
+        if mask[rows].any():
+            assert abs(out[rows][mask[rows]].mean()) < 1e-5
+    shift = np.repeat(rng.normal(size=groups) * 10, group_size)[:, None].astype(np.float32)
+    np.testing.assert_allclose(adv.masked_group_center(x + shift, mask, group_size), out, atol=5e-5)
+
+
+def test_masked_group_center_refuses_a_batch_that_is_not_whole_groups():
+    x = np.zeros((6, 4), np.float32)
+    with pytest.raises(ValueError, match="whole number of groups of 4"):
+        adv.masked_group_center(x, x > 0, 4)
+    with pytest.raises(ValueError, match=r"one \[B, L\] shape"):
+        adv.masked_group_center(x, (x > 0)[:, :3], 3)

@@ -147,6 +147,10 @@ def test_algo_fields_reach_the_update_config_and_bad_ones_are_named():
     bad = parse("experiments/configs/main.py", "--config.algo.critic_warmup_steps=3")
     with pytest.raises(ConfigError, match=r"critic_warmup_steps.*algo=ppo"):
         validate(bad)
+    gc = ("--config.algo.algo=ppo", "--config.algo.group_center_advantages=true")
+    assert algo_config_from(parse("experiments/configs/main.py", *gc)).group_center_advantages
+    with pytest.raises(ConfigError, match=r"group_center_advantages.*without whiten_advantages"):
+        validate(parse("experiments/configs/main.py", *gc, "--config.algo.whiten_advantages=true"))
 
 
 def test_trim_block_is_checked_and_refused_with_a_width_normalised_loss():

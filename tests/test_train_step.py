@@ -297,6 +297,34 @@ def test_whitened_ppo_advantages_match_the_float64_reference(rollout):
         AlgoConfig(algo="grpo", whiten_advantages=True)
 
 
+def test_group_centred_ppo_advantages_match_the_float64_reference(rollout):
+    """``group_center_advantages``: the update's advantages are the raw GAE advantages of the
+    same critic, each task group's token mean subtracted (NumPy float64 reference), so every
+    group is centred whatever the critic predicts; the critic's targets are unchanged; GRPO and
+    the combination with whitening are refused."""
+    import np_reference as ref
+
+    model, batch = rollout
+    raw = AlgoConfig(algo="ppo", group_size=GROUP)
+    _, _, m_raw = _update(model, batch, raw)
+    cfg = dataclasses.replace(raw, group_center_advantages=True)
+    _, _, m_gc = _update(model, batch, cfg)
+    mask = np.asarray(batch.loss_mask)
+    a_raw = np.asarray(m_raw.tokens.advantages, np.float64)
+    want = ref.masked_group_center(a_raw, mask, GROUP)
+    assert np.abs(want - np.where(mask, a_raw, 0)).max() > 0.1  # the groups were not centred
+    got = np.asarray(m_gc.tokens.advantages)
+    np.testing.assert_allclose(got, want, atol=2e-5)
+    for g in range(mask.shape[0] // GROUP):
+        rows = slice(g * GROUP, (g + 1) * GROUP)
+        np.testing.assert_allclose(got[rows][mask[rows]].mean(), 0.0, atol=1e-5)
+    chex.assert_trees_all_equal(m_gc.tokens.returns, m_raw.tokens.returns)
+    with pytest.raises(ValueError, match="already centred per group"):
+        AlgoConfig(algo="grpo", group_center_advantages=True)
+    with pytest.raises(ValueError, match="without whiten_advantages"):
+        AlgoConfig(algo="ppo", group_center_advantages=True, whiten_advantages=True)
+
+
 def test_critic_diagnostics_match_the_float64_reference(rollout):
     """``value_mean`` / ``return_mean`` / ``value_explained_var`` are the masked mean of the
     rollout-time values and GAE returns and ``1 - Var(R - V) / Var(R)`` over the loss tokens

@@ -34,6 +34,7 @@ __all__ = [
     "gae",
     "grpo_advantages",
     "grpo_turn_advantages",
+    "masked_group_center",
     "masked_mean",
     "masked_var",
     "masked_whiten",
@@ -357,4 +358,28 @@ def masked_whiten(
     out = (x - mean) * jax.lax.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
+    return jnp.where(mask, out, 0)
+
+
+def masked_group_center(x: jax.Array, mask: jax.Array, group_size: int) -> jax.Array:
+    """Subtract from each group's rows the masked mean of ``x`` over that group's tokens.
+
+    ``x`` and ``mask`` are ``[B, L]`` with ``B`` laid out group after group (rows
+    ``g * G .. g * G + G - 1`` share a task). Each masked entry of group ``g`` becomes
+    ``x - mean_g``, ``mean_g`` the token-weighted mean over the group's masked entries (0 for a
+    group without any); unmasked positions are set to 0. No scaling: applied to PPO's GAE
+    advantages it is the per-task analogue of :func:`masked_whiten`'s centring, what a critic that
+    knew each task's mean advantage would leave, and what GRPO's group baseline does for episodes.
+    """
+    x = _float(x)
+    mask = jnp.asarray(mask).astype(bool)
+    if x.ndim != 2 or x.shape != mask.shape:
+        raise ValueError(f"expected x and mask of one [B, L] shape, got {x.shape} and {mask.shape}")
+    batch, length = x.shape
+    if group_size < 1 or batch % group_size:
+        raise ValueError(f"batch of {batch} rows is not a whole number of groups of {group_size}")
+    xg = x.reshape(batch // group_size, group_size * length)
+    mg = mask.reshape(xg.shape)
+    mean = masked_mean(xg, mg, axis=1)  # [num_groups]
+    out = x - jnp.repeat(mean, group_size)[:, None]
     return jnp.where(mask, out, 0)

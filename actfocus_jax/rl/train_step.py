@@ -44,6 +44,7 @@ from actfocus_jax.rl.advantages import (
     gae,
     grpo_advantages,
     grpo_turn_advantages,
+    masked_group_center,
     masked_whiten,
 )
 from actfocus_jax.rl.losses import (
@@ -104,6 +105,11 @@ class AlgoConfig:
         (:func:`~actfocus_jax.rl.advantages.masked_whiten`: zero mean, unit variance; verl and TRL
         do this by default). Without it, a critic that misses the mean return leaves every token's
         advantage with the same sign.
+      group_center_advantages: PPO only: subtract from the GAE advantages of each task group
+        (the ``group_size`` rollouts of one task) their token-weighted mean
+        (:func:`~actfocus_jax.rl.advantages.masked_group_center`; no scaling), so that every
+        task's advantages are centred as GRPO's group baseline centres its episodes, whatever
+        the critic predicts; exclusive with ``whiten_advantages``.
       actfocus: ActFocus weighting (``enabled=False`` = plain PPO / GRPO).
     """
 
@@ -132,6 +138,7 @@ class AlgoConfig:
     shuffle_advantages: bool = False
     critic_warmup_steps: int = 0
     whiten_advantages: bool = False
+    group_center_advantages: bool = False
     actfocus: ActFocusConfig = dataclasses.field(default_factory=ActFocusConfig)
 
     def __post_init__(self) -> None:
@@ -178,6 +185,12 @@ class AlgoConfig:
             raise ValueError(
                 "whiten_advantages whitens PPO's GAE advantages; GRPO's are already normalised per "
                 "group (normalize_std)"
+            )
+        if self.group_center_advantages and (self.algo != "ppo" or self.whiten_advantages):
+            raise ValueError(
+                "group_center_advantages centres PPO's GAE advantages per task group: use it "
+                "with algo=ppo and without whiten_advantages (GRPO's advantages are already "
+                "centred per group)"
             )
         if self.dual_clip is not None and self.dual_clip <= 1:
             raise ValueError(f"dual_clip must be > 1 (or None), got {self.dual_clip}")
@@ -420,6 +433,8 @@ def _advantages(
     adv, returns = gae(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam)
     if cfg.whiten_advantages:  # the returns (critic targets) stay those of the raw advantages
         adv = masked_whiten(adv, mask)
+    elif cfg.group_center_advantages:
+        adv = masked_group_center(adv, mask, cfg.group_size)
     return adv, returns, values
 
 

@@ -188,6 +188,7 @@ def algo_config_from(c: Any) -> AlgoConfig:
         value_clip=float(a.value_clip) if a.value_clip else None,
         critic_warmup_steps=int(a.get("critic_warmup_steps", 0)),
         whiten_advantages=bool(a.get("whiten_advantages", False)),
+        group_center_advantages=bool(a.get("group_center_advantages", False)),
         epochs=int(a.epochs),
         num_minibatches=int(a.num_minibatches),
         temperature=float(c.rollout.temperature),

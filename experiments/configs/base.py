@@ -121,6 +121,9 @@ def get_base_config(env: str = "sokoban", model: str = "tiny") -> ml_collections
     c.algo.critic_warmup_steps = 0
     # PPO: whiten the GAE advantages over the batch (verl / TRL default; off = raw GAE).
     c.algo.whiten_advantages = False
+    # PPO: centre the GAE advantages per task group (each task's token mean subtracted, no
+    # scaling: a per-task baseline like GRPO's, whatever the critic predicts).
+    c.algo.group_center_advantages = False
 
     c.actfocus = ml_collections.ConfigDict()
     c.actfocus.enabled = True
