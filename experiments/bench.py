@@ -130,6 +130,7 @@ from actfocus_jax.models import (
     transformer,
     value_model_from_policy,
 )
+from actfocus_jax.provenance import cpu_features, cpu_model
 from actfocus_jax.rl.actfocus import ActFocusConfig
 from actfocus_jax.rl.train_step import (
     AlgoConfig,
@@ -1277,6 +1278,8 @@ def environment_info() -> dict:
         processor=platform.processor(),
         python=sys.version.split()[0],
         xla_flags=os.environ.get("XLA_FLAGS", ""),
+        cpu_model=cpu_model(),
+        cpu_features=cpu_features(),
     )
 
 

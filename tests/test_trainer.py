@@ -230,7 +230,13 @@ def test_main_job_reports_the_held_out_gain_paired_by_task(tmp_path):
     assert result["sft"]["demos_served"] == 2 * 2  # steps x batch size
     assert 0 <= result["sft"]["demos_truncated"] <= 4
     with open(os.path.join(c.workdir, "main_result.json")) as f:
-        assert json.load(f)["held_out_gain"] == json.loads(json.dumps(result["held_out_gain"]))
+        saved = json.load(f)
+    assert saved["held_out_gain"] == json.loads(json.dumps(result["held_out_gain"]))
+    with open(os.path.join(c.workdir, "rl", "summary.json")) as f:
+        rl_machine = json.load(f)["machine"]
+    # Both summaries say what they ran on (the versions a re-run must match to reproduce them).
+    assert saved["machine"] == rl_machine
+    assert rl_machine["libraries"]["numpy"] == np.__version__
     warm_path = os.path.join(c.workdir, "warm_start_per_task.json")
     with open(warm_path) as f:
         before = json.load(f)

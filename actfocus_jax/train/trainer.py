@@ -42,6 +42,7 @@ from actfocus_jax.models.transformer import (
     set_runtime_options,
     value_model_from_policy,
 )
+from actfocus_jax.provenance import machine_info
 from actfocus_jax.rl.train_step import (
     TrainStatics,
     batch_from_buffer,
@@ -650,7 +651,12 @@ def run_rl(exp: Experiment, *, resume: bool = False) -> dict[str, Any]:
         prefix="final/",
         per_task_path=os.path.join(rl_dir, FINAL_PER_TASK),
     )
-    summary = {"final": final, "steps": c.train.steps, "workdir": rl_dir}
+    summary = {
+        "final": final,
+        "steps": c.train.steps,
+        "workdir": rl_dir,
+        "machine": machine_info(),
+    }
     with open(os.path.join(rl_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2, sort_keys=True)
     print(table)
