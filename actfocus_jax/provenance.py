@@ -1,11 +1,12 @@
 """What a result was produced on: library versions, devices and the CPU's vector extensions.
 
-A float32 run on XLA:CPU is reproducible bit for bit on one machine, but not across machines with
-the same code, seed and library versions: XLA compiles for the host's vector extensions, and an
-AVX-512 host reduces in another order than an AVX2 one. On this project's main job that moved the
-warm start's held-out greedy success by several points (README, "Main-job numbers"). So every
-summary the trainer and the main job write carries :func:`machine_info`, and two results can be
-compared knowing whether they came from the same kind of machine.
+A float32 run on XLA:CPU reproduced bit for bit on one machine here, but the main job with the
+same code, seed and library versions landed on another warm start on another machine (README,
+"Main-job numbers"). XLA compiles for the host's vector extensions (AVX2, AVX-512, ...), which can
+change the order of float reductions; the earlier machines' extensions were not recorded, so that
+is the likely cause, not a verified one. From now on every summary the trainer and the main job
+write carries :func:`machine_info`, so two results can be compared knowing whether they came from
+the same kind of machine.
 """
 
 from __future__ import annotations
