@@ -14,6 +14,12 @@ then rescales each trajectory so that the weights of its generated tokens sum to
 
 The weights are computed inside the jitted train step from quantities recorded at rollout time
 (no extra forward pass) and are wrapped in ``jax.lax.stop_gradient``.
+
+The energy term assumes advantages centred per task, as GRPO's group baseline makes them. On
+PPO's raw GAE advantages from a critic that has not learned the return (all of one sign), up to
+``w_max`` times the push goes to the sampled high-energy action tokens, the action distribution
+flattens and the sampled policy gets worse (README, "Why ActFocus hurts PPO" and the sections after
+it); ``AlgoConfig.group_center_advantages`` centres PPO's advantages per task.
 """
 
 from __future__ import annotations
