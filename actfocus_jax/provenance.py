@@ -56,8 +56,9 @@ def _cpuinfo_lines(path: str = "/proc/cpuinfo") -> list[str]:
 def cpu_model(path: str = "/proc/cpuinfo") -> str | None:
     """The CPU's model name (``/proc/cpuinfo``), else ``platform.processor()``, else None."""
     for line in _cpuinfo_lines(path):
-        if line.split(":", 1)[0].strip() in ("model name", "Model", "Hardware"):
-            return line.split(":", 1)[1].strip()
+        key, _, value = line.partition(":")
+        if key.strip() in ("model name", "Model", "Hardware"):
+            return value.strip()
     return platform.processor() or None
 
 

@@ -58,6 +58,8 @@ from typing import Any
 
 import numpy as np
 
+from actfocus_jax.provenance import cpu_model
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKERS_DIR = os.path.join(REPO, "experiments", "peers")
 PEERS = ("ours", "ours-unrolled", "ours-full-attention", "tunix", "trl")
@@ -254,17 +256,6 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def loadavg() -> list[float] | None:
     return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-
-
-def cpu_model() -> str | None:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
 
 
 # --------------------------------------------------------------------------------- installs

@@ -32,7 +32,6 @@ def run_main(config, workdir: str | None = None) -> dict:
     """Task sets -> SFT -> held-out evaluation -> ActFocus-GRPO -> held-out evaluation; returns
     (and writes to ``<workdir>/main_result.json``) both evaluations and their paired gain."""
     from actfocus_jax.analysis.results import mode_gains
-    from actfocus_jax.provenance import machine_info
     from actfocus_jax.train.trainer import FINAL_PER_TASK, Experiment
 
     t0 = time.perf_counter()
@@ -59,7 +58,7 @@ def run_main(config, workdir: str | None = None) -> dict:
         "sft": sft,
         "seconds": {"sft": t_sft, "total": total},
         "workdir": exp.workdir,
-        "machine": machine_info(),
+        "machine": summary["machine"],  # the RL run's record (rl/summary.json)
     }
     with open(os.path.join(exp.workdir, "main_result.json"), "w") as f:
         json.dump(result, f, indent=2, sort_keys=True)
