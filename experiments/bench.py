@@ -130,7 +130,7 @@ from actfocus_jax.models import (
     transformer,
     value_model_from_policy,
 )
-from actfocus_jax.provenance import cpu_features, cpu_model
+from actfocus_jax.provenance import machine_info
 from actfocus_jax.rl.actfocus import ActFocusConfig
 from actfocus_jax.rl.train_step import (
     AlgoConfig,
@@ -1258,28 +1258,27 @@ def suite_webshop(quick: bool, reps: int | None) -> dict:
 
 # ------------------------------------------------------------------------------------------ main
 def environment_info() -> dict:
-    dev = jax.devices()[0]
-    try:
-        import jaxlib
-
-        jaxlib_version = jaxlib.__version__
-    except Exception:  # pragma: no cover
-        jaxlib_version = None
+    """The bench JSON's machine record: :func:`actfocus_jax.provenance.machine_info` (the record
+    every run summary carries), under the key names the committed bench files use, plus the date
+    and the load average at start (a shared machine's timings are only comparable at low load)."""
+    m = machine_info()
     return dict(
         date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        jax_version=jax.__version__,
-        jaxlib_version=jaxlib_version,
-        platform=dev.platform,
-        device_kind=dev.device_kind,
-        device_count=jax.device_count(),
-        cpu_count=os.cpu_count(),
+        jax_version=m["libraries"]["jax"],
+        jaxlib_version=m["libraries"]["jaxlib"],
+        platform=m["platform"],
+        device_kind=m["device_kind"],
+        device_count=m["device_count"],
+        process_count=m["process_count"],
+        cpu_count=m["cpu_count"],
         load_average_at_start=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        machine=platform.machine(),
+        machine=m["arch"],
         processor=platform.processor(),
-        python=sys.version.split()[0],
-        xla_flags=os.environ.get("XLA_FLAGS", ""),
-        cpu_model=cpu_model(),
-        cpu_features=cpu_features(),
+        python=m["python"],
+        xla_flags=m["xla_flags"],
+        cpu_model=m["cpu_model"],
+        cpu_features=m["cpu_features"],
+        libraries=m["libraries"],
     )
 
 

@@ -56,3 +56,18 @@ def test_machine_info_describes_this_process_and_is_json():
         with open("/proc/cpuinfo") as f:
             flags = next((ln for ln in f if ln.startswith(("flags", "Features"))), "")
         assert set(info["cpu_features"]) <= set(flags.partition(":")[2].split())
+
+
+def test_bench_environment_info_carries_the_machine_record_under_its_own_keys():
+    from experiments import bench
+
+    env = json.loads(json.dumps(bench.environment_info()))
+    m = provenance.machine_info()
+    assert env["libraries"] == m["libraries"]
+    assert env["jax_version"] == jax.__version__ == m["libraries"]["jax"]
+    renamed = {"machine": "arch"}
+    for key in ("platform", "device_kind", "device_count", "cpu_count", "python", "xla_flags"):
+        assert env[key] == m[key], key
+    for key in ("cpu_model", "cpu_features", "machine"):
+        assert env[key] == m[renamed.get(key, key)], key
+    assert env["date"].endswith("+00:00")
