@@ -8,19 +8,42 @@ main thread was compiling: jax-ml/jax#40412, #39257). ``YNN_OFF`` turns them off
 process and subprocess, except the one regression test that checks the role gradients under
 XLA:CPU's default flags. A worker crash in ``test_resume_is_exact...`` was seen with them on and
 again with them off; that test now runs in a subprocess (``_isolated.py``) that reports a crash.
+
+The suite is bound by XLA compiles (a train step of the 2-layer test model: ~15 s to compile, ~1 s
+to run), and many tests and test subprocesses compile the same programs (the trainer's tiny
+config runs in several tests, and ``test_resume_is_exact...`` trains four times in one process).
+JAX's persistent compilation cache, in a fresh directory per test session shared by the xdist
+workers and the tests' subprocesses, compiles each of them once. A size limit is set because
+only then does JAX guard the cache's reads and writes with a file lock (two workers may write
+and read the same entry at once). Set ``JAX_COMPILATION_CACHE_DIR`` yourself to keep a cache
+across sessions, or ``JAX_ENABLE_COMPILATION_CACHE=false`` to compile everything afresh.
 """
 
 import os
+import shutil
+import tempfile
 
 YNN_OFF = "--xla_cpu_experimental_ynn_fusion_type="
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 if "ynn_fusion_type" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " " + YNN_OFF
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Imported first by the pytest process that spawns the xdist workers (and before any subprocess
+# starts), which then all inherit this directory.
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="actfocus_jax_xla_cache_")
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
 
 import jax  # noqa: E402  (after the environment variables above)
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def pytest_unconfigure(config):
+    """Remove this session's compilation cache (only in the process that made it)."""
+    if _OWN_CACHE:
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 def pytest_sessionfinish(session, exitstatus):
