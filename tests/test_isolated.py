@@ -41,3 +41,24 @@ def test_a_failed_assertion_fails_at_once_with_its_traceback(tmp_path):
     with pytest.raises(AssertionError, match="the body's own message"):
         run_isolated("test_isolated", "fail_assertion", tmp_path)
     assert [p.name for p in tmp_path.glob("ran_*")] == ["ran_attempt0"]  # not retried
+
+
+def uses_the_sessions_compilation_cache(path):
+    import jax
+
+    expected = (path.parent / "cache_dir").read_text()
+    assert jax.config.jax_compilation_cache_dir == expected
+    # Only with a size limit does JAX lock the cache's entries (workers share the directory).
+    assert jax.config.jax_compilation_cache_max_size > 0
+
+
+def test_workers_and_subprocesses_share_one_locked_compilation_cache(tmp_path):
+    """conftest's per-session cache: this process and a test subprocess use the same directory,
+    which exists while the session runs, with the size limit that turns JAX's file lock on."""
+    import jax
+
+    cache_dir = jax.config.jax_compilation_cache_dir
+    assert cache_dir and os.path.isdir(cache_dir)
+    assert jax.config.jax_compilation_cache_max_size > 0
+    (tmp_path / "cache_dir").write_text(cache_dir)
+    run_isolated("test_isolated", "uses_the_sessions_compilation_cache", tmp_path)
