@@ -10,8 +10,9 @@ XLA:CPU's default flags. A worker crash in ``test_resume_is_exact...`` was seen 
 again with them off; that test now runs in a subprocess (``_isolated.py``) that reports a crash.
 
 The suite is bound by XLA compiles (a train step of the 2-layer test model: ~25 s to compile and
-~1 s to run, measured on 2 shared cores), and many tests and test subprocesses compile the same programs (the trainer's tiny
-config runs in several tests, and ``test_resume_is_exact...`` trains four times in one process).
+~1 s to run, measured on 2 shared cores), and many tests and test subprocesses compile the same
+programs (the trainer's tiny config runs in several tests, and ``test_resume_is_exact...`` trains
+four times in one process).
 JAX's persistent compilation cache, in a fresh directory per test session shared by the xdist
 workers and the tests' subprocesses, compiles each of them once. A size limit is set because
 only then does JAX guard the cache's reads and writes with a file lock (two workers may write
