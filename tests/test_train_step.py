@@ -34,6 +34,7 @@ from actfocus_jax.rollout.engine import (
     rollout_fused,
     transformer_policy,
 )
+from actfocus_jax.rollout.roles import Role
 
 GROUP = 4
 
@@ -323,6 +324,46 @@ def test_group_centred_ppo_advantages_match_the_float64_reference(rollout):
         AlgoConfig(algo="grpo", group_center_advantages=True)
     with pytest.raises(ValueError, match="without whiten_advantages"):
         AlgoConfig(algo="ppo", group_center_advantages=True, whiten_advantages=True)
+
+
+def test_advantage_by_role_and_weighted_mean_match_the_float64_reference(rollout):
+    """``reasoning_adv_mean`` / ``action_adv_mean`` are the mean advantage over the loss tokens of
+    each role and ``weighted_adv_mean`` is ``sum(w A) / sum(w)`` over the loss tokens (NumPy
+    float64 from the step's own per-token advantages and weights). Without ActFocus it equals the
+    plain mean (0 under group-centred PPO). The roles of the generated tokens are then re-drawn so
+    that the tokens with positive centred advantage are the actions: the advantages do not change,
+    their plain mean stays 0, and ActFocus's weights (alpha = 0.1 on reasoning) move the mean the
+    loss sees above 0."""
+    model, batch = rollout
+    roles = np.asarray(batch.roles)
+    gen = (roles == Role.REASONING) | (roles == Role.ACTION)
+    mask = np.asarray(batch.loss_mask, bool)
+    base = AlgoConfig(algo="ppo", group_size=GROUP, group_center_advantages=True)
+    first = None
+    for enabled in (False, True):
+        cfg = dataclasses.replace(base, actfocus=ActFocusConfig(enabled=enabled, alpha=0.1))
+        _, _, m = _update(model, batch, cfg)
+        a = np.asarray(m.tokens.advantages, np.float64)
+        w = np.where(mask, np.asarray(m.tokens.weights, np.float64), 0.0)
+        r = np.asarray(batch.roles)
+        is_a, is_r = mask & (r == Role.ACTION), mask & (r == Role.REASONING)
+        for got, sel in ((m.reasoning_adv_mean, is_r), (m.action_adv_mean, is_a)):
+            np.testing.assert_allclose(float(got), a[sel].mean() if sel.any() else 0.0, atol=1e-5)
+        want = (w * a).sum() / w.sum()
+        np.testing.assert_allclose(float(m.weighted_adv_mean), want, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(float(m.adv_mean), 0.0, atol=1e-5)  # centred per group
+        if not enabled:
+            np.testing.assert_allclose(float(m.weighted_adv_mean), float(m.adv_mean), atol=1e-6)
+            first = a
+            positive = gen & (a > 0)
+            assert positive[mask].mean() > 0.1 and (~positive)[mask].mean() > 0.1
+            new_roles = np.where(gen, np.where(positive, Role.ACTION, Role.REASONING), roles)
+            batch = batch.replace(roles=jnp.asarray(new_roles.astype(roles.dtype)))
+        else:
+            np.testing.assert_allclose(a, first, atol=1e-6)  # roles do not enter the advantages
+            assert float(m.reasoning_adv_mean) < 0 < float(m.action_adv_mean)
+            assert np.all(w[is_r] == np.float32(0.1)) and w[is_a].mean() > 0.5
+            assert want > 0.5 * float(m.action_adv_mean)
 
 
 def test_critic_diagnostics_match_the_float64_reference(rollout):

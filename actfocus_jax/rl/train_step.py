@@ -56,6 +56,7 @@ from actfocus_jax.rl.losses import (
     value_loss,
 )
 from actfocus_jax.rollout.buffer import RolloutBuffer
+from actfocus_jax.rollout.roles import Role
 
 __all__ = [
     "AlgoConfig",
@@ -365,6 +366,14 @@ class StepMetrics:
     critic_grad_norm: chex.Array
     adv_mean: chex.Array
     adv_std: chex.Array
+    # Where the advantage sits by role, and what the policy-gradient loss sees of it: the mean
+    # advantage over the loss tokens of each role (0 when the batch has none of that role), and the
+    # weight-averaged advantage sum(w A) / sum(w) over the loss tokens (= adv_mean when every
+    # weight is 1). With per-token (GAE) advantages centred per group, ActFocus's weights can move
+    # weighted_adv_mean away from 0 when the two roles' advantage means differ.
+    reasoning_adv_mean: chex.Array
+    action_adv_mean: chex.Array
+    weighted_adv_mean: chex.Array
     # PPO critic diagnostics over the loss tokens, at rollout time (GRPO: 0): the critic's mean
     # value, the mean GAE return (its target), and the explained variance
     # 1 - Var(R - V) / Var(R) (0 when Var(R) = 0). value_mean far below return_mean means the
@@ -621,6 +630,8 @@ def train_step(
     mean = lambda name: jnp.mean(aux[name])
     adv_mean = _masked_mean(adv, mask)
     adv_std = jnp.sqrt(_masked_var(adv, mask))
+    w_loss = jnp.where(mask, weights, 0.0)
+    weighted_adv_mean = jnp.sum(w_loss * adv) / jnp.maximum(jnp.sum(w_loss), 1e-12)
     value_mean, return_mean = _masked_mean(values, mask), _masked_mean(returns, mask)
     var_r, var_resid = _masked_var(returns, mask), _masked_var(returns - values, mask)
     explained_var = jnp.where(var_r > 0, 1.0 - var_resid / jnp.where(var_r > 0, var_r, 1.0), 0.0)
@@ -639,6 +650,9 @@ def train_step(
         critic_grad_norm=mean("critic_grad_norm"),
         adv_mean=adv_mean,
         adv_std=adv_std,
+        reasoning_adv_mean=_masked_mean(adv, mask & (batch.roles == Role.REASONING)),
+        action_adv_mean=_masked_mean(adv, mask & (batch.roles == Role.ACTION)),
+        weighted_adv_mean=weighted_adv_mean,
         value_mean=value_mean,
         return_mean=return_mean,
         value_explained_var=explained_var,
