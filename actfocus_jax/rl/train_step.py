@@ -369,8 +369,9 @@ class StepMetrics:
     # Where the advantage sits by role, and what the policy-gradient loss sees of it: the mean
     # advantage over the loss tokens of each role (0 when the batch has none of that role), and the
     # weight-averaged advantage sum(w A) / sum(w) over the loss tokens (= adv_mean when every
-    # weight is 1). With per-token (GAE) advantages centred per group, ActFocus's weights can move
-    # weighted_adv_mean away from 0 when the two roles' advantage means differ.
+    # weight is 1). With advantages centred per group, ActFocus's weights move weighted_adv_mean
+    # away from 0 when they correlate with the advantages: the two roles' means differ, or the
+    # energy weights inside the action span track the advantage (README, Sokoban W'' replay).
     reasoning_adv_mean: chex.Array
     action_adv_mean: chex.Array
     weighted_adv_mean: chex.Array
