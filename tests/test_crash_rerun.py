@@ -1,0 +1,73 @@
+"""``_crash_rerun``: a test whose xdist worker dies of a signal runs once more; failures do not."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SUITE = """
+import os
+import signal
+from pathlib import Path
+
+RUNS = Path(os.environ["RUNS_DIR"])
+
+
+def count(name):
+    (RUNS / name).open("a").write("x")
+    return len((RUNS / name).read_text())
+
+
+def test_crashes_first_time():
+    if count("crash_once") == 1:
+        os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def test_crashes_always():
+    count("crash_always")
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def test_fails_an_assertion():
+    count("assertion")
+    assert 1 + 1 == 3
+
+
+def test_passes():
+    count("passes")
+"""
+
+
+def run_suite(tmp_path, *selected, returncode):
+    """Runs the selected throwaway tests on 2 xdist workers with the plugin; returns the output
+    and how many times each test body ran."""
+    (tmp_path / "test_throwaway.py").write_text(SUITE)
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    env = dict(os.environ, RUNS_DIR=str(runs), PYTHONPATH=str(Path(__file__).parent))
+    plugins = ["-p", "_crash_rerun", "-p", "no:cacheprovider"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-n", "2", *plugins, "-k", " or ".join(selected)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == returncode, out
+    return out, {p.name: len(p.read_text()) for p in runs.iterdir()}
+
+
+def test_a_crashed_test_runs_once_more_and_is_listed(tmp_path):
+    out, counts = run_suite(tmp_path, "crashes_first_time", "passes", returncode=0)
+    assert counts == {"crash_once": 2, "passes": 1}
+    assert "2 passed, 1 rerun" in out
+    summary = out.split("tests run once more after their worker crashed")[1]
+    assert "test_throwaway.py::test_crashes_first_time" in summary
+
+
+def test_a_second_crash_and_a_failed_assertion_fail_without_more_runs(tmp_path):
+    out, counts = run_suite(tmp_path, "crashes_always", "fails_an_assertion", returncode=1)
+    assert counts == {"crash_always": 2, "assertion": 1}
+    assert "2 failed, 1 rerun" in out
