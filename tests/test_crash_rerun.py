@@ -38,16 +38,16 @@ def test_passes():
 """
 
 
-def run_suite(tmp_path, *selected, returncode):
+def run_suite(tmp_path, *selected, returncode, dist="load"):
     """Runs the selected throwaway tests on 2 xdist workers with the plugin; returns the output
     and how many times each test body ran."""
     (tmp_path / "test_throwaway.py").write_text(SUITE)
     runs = tmp_path / "runs"
     runs.mkdir()
     env = dict(os.environ, RUNS_DIR=str(runs), PYTHONPATH=str(Path(__file__).parent))
-    plugins = ["-p", "_crash_rerun", "-p", "no:cacheprovider"]
+    args = ["-n", "2", f"--dist={dist}", "-p", "_crash_rerun", "-p", "no:cacheprovider"]
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-n", "2", *plugins, "-k", " or ".join(selected)],
+        [sys.executable, "-m", "pytest", *args, "-k", " or ".join(selected)],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -71,3 +71,11 @@ def test_a_second_crash_and_a_failed_assertion_fail_without_more_runs(tmp_path):
     out, counts = run_suite(tmp_path, "crashes_always", "fails_an_assertion", returncode=1)
     assert counts == {"crash_always": 2, "assertion": 1}
     assert "2 failed, 1 rerun" in out
+
+
+def test_a_scheduler_that_cannot_reschedule_leaves_the_crash_failed(tmp_path):
+    """--dist=loadscope has no ``mark_test_pending``: the crash report stays a failure (xdist
+    itself sends the rest of the crashed worker's scope to the new worker)."""
+    out, _ = run_suite(tmp_path, "crashes_first_time", "passes", returncode=1, dist="loadscope")
+    assert "FAILED test_throwaway.py::test_crashes_first_time - worker" in out
+    assert "rerun" not in out.lower() and "run once more" not in out
