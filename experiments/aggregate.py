@@ -7,7 +7,7 @@ over seeds.
         [--reference_run=<run dir of seed 0> --reference_run=<run dir of seed 1> ...]
         [--train_metrics=train/adv_mean,train/value_loss --bands=1-10,31-40]
         [--merge=<earlier aggregate.json> [--merge_variant=<variant> ...]]
-        [--compare='<variant A>|<variant B>' ...]
+        [--compare='<variant A>|<variant B>' ...] [--interaction='<A>|<B>|<C>|<D>' ...]
 
 Reads every run of a directory made by ``experiments/sweep.py`` (``<run>/rl/metrics.jsonl`` and
 ``<run>/rl/summary.json``), groups the runs by variant (the run name without ``seed=...``), and
@@ -48,6 +48,12 @@ gain minus B's, over all their runs (merged ones included), with Welch's t-inter
 permutation p-value (:func:`actfocus_jax.analysis.results.variant_differences`), under
 ``"variant_differences"``. Use it for variants whose runs share no randomness beyond the tasks
 (e.g. PPO vs GRPO); ``--reference_run`` pairs by seed and task instead.
+
+``--interaction='<A>|<B>|<C>|<D>'`` (repeated, needs ``--baseline_per_task``): the difference of
+differences ``(A minus B) minus (C minus D)`` of mean held-out gains over the four variants' runs,
+with the Welch-Satterthwaite interval (:func:`actfocus_jax.analysis.results.variant_interactions`),
+under ``"variant_interactions"``: e.g. whether ActFocus costs PPO more than it costs GRPO
+(``A, B`` = ActFocus-PPO, PPO; ``C, D`` = ActFocus-GRPO, GRPO).
 
 ``--train_metrics`` with ``--bands``: training metrics of ``metrics.jsonl`` (advantage mean, value
 loss, the action tokens' mean energy, ...) averaged over inclusive step bands per run, and per
@@ -103,6 +109,12 @@ COMPARE = flags.DEFINE_multi_string(
     [],
     "'<variant A>|<variant B>' (repeatable): A's mean held-out gain minus B's over their runs "
     "(seeds), Welch t-interval and exact permutation p; needs --baseline_per_task.",
+)
+INTERACTIONS = flags.DEFINE_multi_string(
+    "interaction",
+    [],
+    "'<A>|<B>|<C>|<D>' (repeatable): (A minus B) minus (C minus D) of mean held-out gains over "
+    "the four variants' runs, Welch-Satterthwaite interval; needs --baseline_per_task.",
 )
 TRAIN_METRICS = flags.DEFINE_list(
     "train_metrics",
@@ -185,6 +197,7 @@ def main(argv: list[str]) -> None:
         paired_gain,
         parse_bands,
         parse_comparison,
+        parse_interaction,
         read_run,
         read_sweep,
         reference_gains,
@@ -193,6 +206,8 @@ def main(argv: list[str]) -> None:
         text_table,
         variant_differences,
         variant_differences_markdown,
+        variant_interactions,
+        variant_interactions_markdown,
         write_aggregate,
     )
 
@@ -249,18 +264,25 @@ def main(argv: list[str]) -> None:
                 print(held_out_gain_markdown(agg[key]))
                 if agg[key].get("repeated"):
                     print(f"identical in both (re-runs): {', '.join(agg[key]['repeated'])}")
-    if COMPARE.value:
+    contrasts = (
+        (COMPARE, "--compare", "variant_differences", parse_comparison, variant_differences,
+         variant_differences_markdown, "differences of mean held-out gains between variants"),
+        (INTERACTIONS, "--interaction", "variant_interactions", parse_interaction,
+         variant_interactions, variant_interactions_markdown,
+         "differences of differences of mean held-out gains"),
+    )  # fmt: skip
+    for flag, name, key, parse, compute, markdown, title in contrasts:
+        if not flag.value:
+            continue
         if "held_out_gain" not in agg:
-            raise SystemExit("[aggregate] --compare needs --baseline_per_task (it compares gains)")
+            raise SystemExit(f"[aggregate] {name} needs --baseline_per_task (it compares gains)")
         try:
-            pairs = [parse_comparison(c) for c in COMPARE.value]
-            agg["variant_differences"] = variant_differences(
-                agg["held_out_gain"], pairs, confidence=CONFIDENCE.value
-            )
+            specs = [parse(x) for x in flag.value]
+            agg[key] = compute(agg["held_out_gain"], specs, confidence=CONFIDENCE.value)
         except ValueError as e:
-            raise SystemExit(f"[aggregate] --compare: {e}") from None
-        print("\ndifferences of mean held-out gains between variants (over their seeds)\n")
-        print(variant_differences_markdown(agg["variant_differences"]))
+            raise SystemExit(f"[aggregate] {name}: {e}") from None
+        print(f"\n{title} (over their seeds)\n")
+        print(markdown(agg[key]))
     if TRAIN_METRICS.value:
         try:
             bands = parse_bands(BANDS.value)

@@ -53,6 +53,7 @@ __all__ = [
     "paired_task_gain",
     "parse_bands",
     "parse_comparison",
+    "parse_interaction",
     "parse_run_name",
     "permutation_p_value",
     "read_run",
@@ -67,6 +68,9 @@ __all__ = [
     "text_table",
     "variant_differences",
     "variant_differences_markdown",
+    "variant_interactions",
+    "variant_interactions_markdown",
+    "welch_contrast",
     "welch_difference",
     "write_aggregate",
 ]
@@ -668,6 +672,51 @@ def permutation_p_value(a: Sequence[float], b: Sequence[float]) -> float | None:
     return hits / math.comb(n, na)
 
 
+def welch_contrast(
+    groups: Sequence[Iterable[float]], weights: Sequence[float], confidence: float = 0.95
+) -> dict[str, Any]:
+    """A linear contrast of independent group means, ``sum_i w_i * mean(g_i)``, with the
+    Welch-Satterthwaite t-interval: e.g. the interaction ``(A - B) - (C - D)`` of four variants'
+    held-out gains (weights ``1, -1, -1, 1``), whose runs share no randomness beyond the tasks.
+
+    ``se^2 = sum_i w_i^2 s_i^2 / n_i``; ``df = se^4 / sum_i (w_i^2 s_i^2 / n_i)^2 / (n_i - 1)``
+    (Satterthwaite 1946), rounded *down* for :func:`t_quantile` as in :func:`welch_difference`;
+    ``df = sum_i (n_i - 1)`` when every group is constant. Groups of weight 0 are ignored.
+    Returns ``{"mean", "lo", "hi", "half_width", "se", "df", "df_used", "n", "weights",
+    "confidence"}``; ``mean`` is ``None`` if a weighted group is empty, the interval fields unless
+    every weighted group has at least 2 values. Non-finite and ``None`` values are dropped. No
+    permutation p-value: a null of "no interaction" does not make the groups exchangeable."""
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if len(groups) != len(weights) or not groups:
+        raise ValueError(f"need one weight per group, got {len(weights)} for {len(groups)} groups")
+    xs = [[float(v) for v in g if v is not None and math.isfinite(float(v))] for g in groups]
+    used = [(x, float(w)) for x, w in zip(xs, weights) if w != 0.0]
+    out: dict[str, Any] = dict.fromkeys(("mean", "lo", "hi", "half_width", "se", "df", "df_used"))
+    out.update(n=[len(x) for x in xs], weights=[float(w) for w in weights], confidence=confidence)
+    if not used or any(not x for x, _ in used):
+        return out
+    means = [math.fsum(x) / len(x) for x, _ in used]
+    out["mean"] = math.fsum(w * m for (_, w), m in zip(used, means))
+    if any(len(x) < 2 for x, _ in used):
+        return out
+    terms = [
+        w * w * math.fsum((v - m) ** 2 for v in x) / (len(x) - 1) / len(x)
+        for (x, w), m in zip(used, means)
+    ]
+    se = math.sqrt(math.fsum(terms))
+    if se == 0.0:
+        df = float(sum(len(x) - 1 for x, _ in used))
+    else:
+        df = math.fsum(terms) ** 2 / math.fsum(
+            t**2 / (len(x) - 1) for t, (x, _) in zip(terms, used)
+        )
+    df_used = max(1, math.floor(df + 1e-9))
+    h = t_quantile(0.5 + confidence / 2.0, df_used) * se
+    out.update(se=se, df=df, df_used=df_used, lo=out["mean"] - h, hi=out["mean"] + h, half_width=h)
+    return out
+
+
 def welch_difference(
     a: Iterable[float], b: Iterable[float], confidence: float = 0.95, *, permutation: bool = True
 ) -> dict[str, Any]:
@@ -693,18 +742,8 @@ def welch_difference(
     ma, mb = math.fsum(xa) / len(xa), math.fsum(xb) / len(xb)
     out["mean"] = ma - mb
     out["p_permutation"] = permutation_p_value(xa, xb) if permutation else None
-    if len(xa) < 2 or len(xb) < 2:
-        return out
-    va = math.fsum((x - ma) ** 2 for x in xa) / (len(xa) - 1) / len(xa)
-    vb = math.fsum((x - mb) ** 2 for x in xb) / (len(xb) - 1) / len(xb)
-    se = math.sqrt(va + vb)
-    if se == 0.0:
-        df = float(len(xa) + len(xb) - 2)
-    else:
-        df = (va + vb) ** 2 / (va**2 / (len(xa) - 1) + vb**2 / (len(xb) - 1))
-    df_used = max(1, math.floor(df + 1e-9))
-    h = t_quantile(0.5 + confidence / 2.0, df_used) * se
-    out.update(se=se, df=df, df_used=df_used, lo=out["mean"] - h, hi=out["mean"] + h, half_width=h)
+    c = welch_contrast([xa, xb], [1.0, -1.0], confidence)
+    out.update({k: c[k] for k in ("lo", "hi", "half_width", "se", "df", "df_used")})
     return out
 
 
@@ -717,6 +756,24 @@ def parse_comparison(spec: str) -> tuple[str, str]:
             "'algo.algo=ppo,actfocus.enabled=false|actfocus.enabled=true'"
         )
     return parts[0].strip(), parts[1].strip()
+
+
+def _gains_of_variants(
+    gains: Mapping[str, Any], wanted: Iterable[str]
+) -> dict[str, dict[str, Mapping[str, Any]]]:
+    """``{variant: {seed: per-mode gains}}`` of a held-out-gains dict; ``ValueError`` naming a
+    wanted variant without runs (and the variants there are)."""
+    by_variant: dict[str, dict[str, Mapping[str, Any]]] = {}
+    for name, g in gains.get("runs", {}).items():
+        variant, seed = parse_run_name(name)
+        by_variant.setdefault(variant, {})[str(seed)] = g
+    for v in wanted:
+        if v not in by_variant:
+            raise ValueError(
+                f"variant {v!r} has no runs with held-out gains; variants: "
+                f"{', '.join(sorted(by_variant)) or 'none'}"
+            )
+    return by_variant
 
 
 def variant_differences(
@@ -737,18 +794,9 @@ def variant_differences(
       ``{"confidence", "pairs": [{"a", "b", "seeds_a", "seeds_b", "modes": {mode:
       welch_difference}}]}``. ``ValueError`` naming a variant without runs (and the ones there are).
     """
-    by_variant: dict[str, dict[str, Mapping[str, Any]]] = {}
-    for name, g in gains.get("runs", {}).items():
-        variant, seed = parse_run_name(name)
-        by_variant.setdefault(variant, {})[str(seed)] = g
+    by_variant = _gains_of_variants(gains, [v for pair in comparisons for v in pair])
     pairs = []
     for a, b in comparisons:
-        for v in (a, b):
-            if v not in by_variant:
-                raise ValueError(
-                    f"variant {v!r} has no runs with held-out gains; variants: "
-                    f"{', '.join(sorted(by_variant)) or 'none'}"
-                )
         ra, rb = by_variant[a], by_variant[b]
         modes = _ordered_modes([*ra.values(), *rb.values()])
         pairs.append(
@@ -786,6 +834,89 @@ def variant_differences_markdown(vd: Mapping[str, Any], digits: int = 3) -> str:
             row.append("-" if d is None else _gain_cell(d, digits))
             pv = None if d is None else d.get("p_permutation")
             row.append("-" if pv is None else f"{pv:.3f}")
+        lines.append(_md_row(row))
+    return "\n".join(lines)
+
+
+def parse_interaction(spec: str) -> tuple[str, str, str, str]:
+    """``"<A>|<B>|<C>|<D>"`` (the interaction ``(A minus B) minus (C minus D)``) as a 4-tuple;
+    ``ValueError`` naming the problem."""
+    parts = [p.strip() for p in spec.split("|")]
+    if len(parts) != 4 or not all(parts):
+        raise ValueError(
+            f"interaction {spec!r} must be '<A>|<B>|<C>|<D>' ((A minus B) minus (C minus D)), "
+            "e.g. 'algo.algo=ppo,actfocus.enabled=true|algo.algo=ppo,actfocus.enabled=false|"
+            "algo.algo=grpo,actfocus.enabled=true|algo.algo=grpo,actfocus.enabled=false'"
+        )
+    return parts[0], parts[1], parts[2], parts[3]
+
+
+def variant_interactions(
+    gains: Mapping[str, Any],
+    specs: Sequence[tuple[str, str, str, str]],
+    *,
+    confidence: float = 0.95,
+) -> dict[str, Any]:
+    """Differences of differences of variants' mean held-out gains, ``(A - B) - (C - D)`` per
+    mode, with the Welch-Satterthwaite interval over the runs (seeds) of the four variants
+    (:func:`welch_contrast`, weights ``1, -1, -1, 1``): e.g. whether ActFocus costs PPO more than
+    it costs GRPO. Each side's own difference is given too (``"ab"``, ``"cd"``,
+    :func:`welch_difference`). A variant may appear on both sides (e.g. ``(A - B) - (A - C)``);
+    its runs are then counted once per appearance, which the interval treats as independent, so
+    such a contrast should be written as the plain difference ``C - B`` instead: refused.
+
+    Returns ``{"confidence", "interactions": [{"a", "b", "c", "d", "seeds": {variant: [seeds]},
+    "modes": {mode: {**welch_contrast, "ab", "cd"}}}]}``; ``ValueError`` naming a variant without
+    runs or a repeated variant."""
+    names = [v for spec in specs for v in spec]
+    by_variant = _gains_of_variants(gains, names)
+    out = []
+    for spec in specs:
+        if len(set(spec)) != 4:
+            raise ValueError(
+                f"interaction {'|'.join(spec)!r} repeats a variant; the four must differ (a "
+                "shared variant cancels: write it as a --compare of the other two)"
+            )
+        runs = [by_variant[v] for v in spec]
+        modes = _ordered_modes([g for r in runs for g in r.values()])
+        per_mode = {}
+        for m in modes:
+            vals = [[g[m]["mean"] for g in r.values() if m in g] for r in runs]
+            c = welch_contrast(vals, [1.0, -1.0, -1.0, 1.0], confidence)
+            c["ab"] = welch_difference(vals[0], vals[1], confidence)
+            c["cd"] = welch_difference(vals[2], vals[3], confidence)
+            per_mode[m] = c
+        out.append(
+            {
+                **dict(zip("abcd", spec)),
+                "seeds": {v: sorted(r, key=_seed_key) for v, r in zip(spec, runs)},
+                "modes": per_mode,
+            }
+        )
+    return {"confidence": confidence, "interactions": out}
+
+
+def variant_interactions_markdown(vi: Mapping[str, Any], digits: int = 3) -> str:
+    """One row per interaction: runs per variant, per mode the two differences (means) and their
+    difference with its Welch-Satterthwaite interval (bold when it excludes 0)."""
+    pct = round(100 * vi["confidence"])
+    modes = list(dict.fromkeys(m for x in vi["interactions"] for m in x["modes"]))
+    header = ["(A minus B) minus (C minus D)", "runs A / B / C / D"]
+    for m in modes:
+        header += [f"{m}: A - B", f"{m}: C - D", f"{m}: difference [Welch {pct}% CI]"]
+    lines = [_md_row(header), _md_row(["---"] * len(header))]
+    for x in vi["interactions"]:
+        row = [
+            f"({x['a']} minus {x['b']}) minus ({x['c']} minus {x['d']})",
+            " / ".join(str(len(x["seeds"][x[k]])) for k in "abcd"),
+        ]
+        for m in modes:
+            d = x["modes"].get(m)
+            if d is None:
+                row += ["-", "-", "-"]
+                continue
+            row += [_gain_cell({"mean": d[k]["mean"]}, digits) for k in ("ab", "cd")]
+            row.append(_gain_cell(d, digits))
         lines.append(_md_row(row))
     return "\n".join(lines)
 
@@ -1120,6 +1251,10 @@ def write_aggregate(agg: Mapping[str, Any], out_dir: str | os.PathLike) -> dict[
         md += "\n\nDifferences of mean held-out gains between variants, over their runs (seeds; "
         md += "Welch t-interval, exact permutation p):\n\n"
         md += variant_differences_markdown(agg["variant_differences"])
+    if agg.get("variant_interactions"):
+        md += "\n\nDifferences of differences of mean held-out gains, over the four variants' "
+        md += "runs (seeds; Welch-Satterthwaite interval, no permutation p):\n\n"
+        md += variant_interactions_markdown(agg["variant_interactions"])
     if agg.get("step_bands"):
         md += "\n\nTraining metrics averaged over step bands, mean over seeds:\n\n"
         md += step_bands_markdown(agg["step_bands"])
