@@ -2,7 +2,7 @@
 
     python -m experiments.sweep --config=experiments/configs/sokoban.py:tiny --workdir=runs/sweep \\
         --grid="actfocus.alpha=0,0.1,1;algo.algo=grpo,ppo" --seeds=0,1,2 --parallel=2 \\
-        [--init=hf:runs/x/sft] [--dry_run]
+        [--init=hf:runs/x/sft] [--resume] [--dry_run]
 
 ``--grid="actfocus.alpha=0,0.3|actfocus.beta=0|actfocus.scope=turn"`` is a union of grids (``|``
 between them, see :mod:`experiments.grid`): a one-factor-at-a-time ablation, each run changing one
@@ -10,7 +10,15 @@ field of the config, in the order written (duplicates run once). Runs ``python -
 experiments.train`` for every combination (one after another, or ``--parallel`` processes at a
 time); run directories are named after their overrides, e.g.
 ``runs/sweep/actfocus.alpha=0.1,algo.algo=ppo,seed=2``. A run that already finished (its
-``rl/summary.json`` exists) is skipped, so an interrupted sweep can be restarted.
+``rl/summary.json`` exists) is skipped, so an interrupted sweep can be restarted; with ``--resume``
+an unfinished run that saved a checkpoint continues from its latest one (``experiments.train
+--resume``, which continues exactly where the run stopped) instead of starting again.
+
+``--resume`` also extends finished runs to more steps: copy each run's last checkpoint and
+``metrics.jsonl`` into a new sweep directory (``<new>/<run>/rl/checkpoints/<step>``,
+``<new>/<run>/rl/metrics.jsonl``) and run the same grid there with
+``--override=train.steps=<more>``; the learning rate is constant after its warm-up, so the extended
+run is the run that would have been trained for that many steps from the start.
 """
 
 from __future__ import annotations
@@ -38,6 +46,21 @@ CONFIG_FILE = flags.DEFINE_string(
 WORKDIR = flags.DEFINE_string("workdir", "runs/sweep", "Parent directory of the runs.")
 EXTRA = flags.DEFINE_multi_string("override", [], "Extra --config.<field>=<value> for every run.")
 DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the commands only.")
+RESUME = flags.DEFINE_bool(
+    "resume",
+    False,
+    "Unfinished runs with a checkpoint continue from their latest one (experiments.train --resume).",
+)
+
+
+def has_checkpoint(workdir: str) -> bool:
+    """Whether ``<workdir>/rl/checkpoints`` holds a finished checkpoint (a directory named by its
+    step; orbax's unfinished ones carry a temporary suffix)."""
+    ckpt_dir = os.path.join(workdir, "rl", "checkpoints")
+    return os.path.isdir(ckpt_dir) and any(
+        name.isdigit() and os.path.isdir(os.path.join(ckpt_dir, name))
+        for name in os.listdir(ckpt_dir)
+    )
 
 
 def command(run: dict[str, str], workdir: str) -> list[str]:
@@ -47,6 +70,8 @@ def command(run: dict[str, str], workdir: str) -> list[str]:
     if INIT.value:
         cmd.append(f"--config.model.init={INIT.value}")
     cmd.append(f"--workdir={workdir}")
+    if RESUME.value and has_checkpoint(workdir):
+        cmd.append("--resume")
     return cmd
 
 

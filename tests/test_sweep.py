@@ -63,3 +63,43 @@ def test_dry_run_prints_one_command_per_run(tmp_path):
     assert all("--config.algo.kl_coef=0" in c for c in cmds)
     assert not any("alpha" in c and "scope" in c for c in cmds)
     assert f"--workdir={tmp_path}/actfocus.scope=turn,seed=1" in out
+
+
+def test_resume_continues_only_runs_with_a_finished_checkpoint(tmp_path):
+    """--resume passes experiments.train --resume to a run whose rl/checkpoints holds a finished
+    (numbered) checkpoint, not to one with only orbax's unfinished temporary directory or none; a
+    run with rl/summary.json is skipped either way; without --resume nothing is resumed."""
+    ckpt = lambda run: tmp_path / run / "rl" / "checkpoints"
+    (ckpt("actfocus.alpha=0,seed=0") / "40").mkdir(parents=True)
+    (ckpt("actfocus.alpha=0,seed=1") / "20.orbax-checkpoint-tmp-1234").mkdir(parents=True)
+    (ckpt("actfocus.alpha=0.3,seed=1") / "40").mkdir(parents=True)
+    (tmp_path / "actfocus.alpha=0.3,seed=1" / "rl" / "summary.json").write_text("{}")
+
+    def commands(*extra):
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "experiments.sweep",
+                "--dry_run",
+                f"--workdir={tmp_path}",
+                "--grid=actfocus.alpha=0,0.3",
+                "--seeds=0,1",
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        lines = [line for line in out.splitlines() if "experiments.train" in line]
+        return {line.split("--workdir=")[1].split()[0]: line for line in lines}
+
+    cmds = commands("--resume")
+    assert sorted(cmds) == [
+        f"{tmp_path}/actfocus.alpha=0,seed=0",
+        f"{tmp_path}/actfocus.alpha=0,seed=1",
+        f"{tmp_path}/actfocus.alpha=0.3,seed=0",
+    ]  # the finished run is skipped
+    resumed = {w for w, c in cmds.items() if c.endswith(" --resume")}
+    assert resumed == {f"{tmp_path}/actfocus.alpha=0,seed=0"}
+    assert not any(c.endswith("--resume") for c in commands().values())
