@@ -6,13 +6,12 @@ patterns (wrong numbers: jax-ml/jax#39103, and ``tests/test_bottleneck.py``'s ro
 gradients) and can crash an Eigen worker thread asynchronously (SIGSEGV surfacing in whatever the
 main thread was compiling: jax-ml/jax#40412, #39257). ``YNN_OFF`` turns them off for every test
 process and subprocess, except the one regression test that checks the role gradients under
-XLA:CPU's default flags. A worker crash in ``test_resume_is_exact...`` was seen with them on and
-again with them off; that test now runs in a subprocess (``_isolated.py``) that reports a crash.
-Worker crashes still happen, in other tests (2026-12-06, 1 of 3 fresh-clone CI runs: the main
-thread in ``Executable.serialize``, writing the compilation cache below, during a FrozenLake
-eval-rollout compile), so any test whose xdist worker dies of a signal runs once more on a fresh
-worker (``_crash_rerun.py``; listed in the terminal summary, "N rerun" in the last line); a
-second crash or any failed assertion fails as usual.
+XLA:CPU's default flags. Worker crashes were seen with them on and off, in different tests
+(``test_resume_is_exact...`` twice; 2026-12-06, 1 of 3 fresh-clone CI runs: the main thread in
+``Executable.serialize``, writing the compilation cache below, during a FrozenLake eval-rollout
+compile), so any test whose xdist worker dies of a signal runs once more on a fresh worker
+(``_crash_rerun.py``; listed in the terminal summary, "N rerun" in the last line); a second crash
+or any failed assertion fails as usual.
 
 The suite is bound by XLA compiles (a train step of the 2-layer test model: ~25 s to compile and
 ~1 s to run, measured on 2 shared cores), and many tests and test subprocesses compile the same

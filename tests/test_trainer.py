@@ -7,7 +7,6 @@ import shutil
 
 import numpy as np
 import pytest
-from _isolated import run_isolated
 from flax import nnx
 from safetensors.numpy import load_file
 
@@ -113,13 +112,6 @@ def test_end_to_end_environments(tmp_path, env):
 
 
 def test_resume_is_exact_and_survives_interrupted_and_corrupted_checkpoints(tmp_path):
-    """:func:`check_resume_is_exact` in a fresh process (``_isolated.run_isolated``): a pytest
-    worker died of a fatal signal twice in this test's body in CI, and this way the next such crash
-    shows its crashing thread (and is run once more) instead of ending the suite's worker."""
-    run_isolated("test_trainer", "check_resume_is_exact", tmp_path)
-
-
-def check_resume_is_exact(tmp_path):
     # With a KL term (as the main job): the frozen reference must come back from the checkpoint,
     # not be re-copied from the resumed policy.
     kw = {"train.keep": 5, "algo.kl_coef": 0.05}
