@@ -5,6 +5,7 @@ over seeds.
         [--confidence=0.95] [--include_incomplete] [--out_dir=<dir, default: the sweep directory>]
         [--control=<run dir> [--gain_steps=11,40]] [--baseline_per_task=<per-task JSON>]
         [--reference_run=<run dir of seed 0> --reference_run=<run dir of seed 1> ...]
+        [--earlier_sweep=<sweep dir of the same runs, trained for fewer steps>]
         [--train_metrics=train/adv_mean,train/value_loss --bands=1-10,31-40]
         [--merge=<earlier aggregate.json> [--merge_variant=<variant> ...]]
         [--compare='<variant A>|<variant B>' ...] [--interaction='<A>|<B>|<C>|<D>' ...]
@@ -31,6 +32,12 @@ gains over seeds (:func:`actfocus_jax.analysis.results.held_out_gains`), under `
 config's runs for a one-factor ablation, or GRPO's for ActFocus-GRPO); every other run then gets
 its held-out difference from the reference of its own seed, paired by task
 (:func:`actfocus_jax.analysis.results.reference_gains`), under ``"reference_gain"``.
+
+``--earlier_sweep``: a sweep directory with the same run names whose runs were trained for fewer
+steps (the runs of this sweep were extended from their checkpoints with ``experiments.sweep
+--resume``); every run gets its held-out change from its own earlier policy, paired by task, and
+every variant the mean and t-interval over seeds
+(:func:`actfocus_jax.analysis.results.earlier_gains`), under ``"earlier_gain"``.
 
 ``--merge`` (repeated): the ``aggregate.json`` of earlier sweeps of the same protocol (same warm
 start, baseline and reference variant; e.g. other seeds, whose run directories may be gone). Their
@@ -90,6 +97,12 @@ REFERENCES = flags.DEFINE_multi_string(
     [],
     "Run directory of a reference variant (name ending in seed=N); repeat once per seed. Every "
     "run's held-out difference from the reference of its seed, paired by task.",
+)
+EARLIER = flags.DEFINE_string(
+    "earlier_sweep",
+    None,
+    "Sweep directory of the same runs trained for fewer steps: every run's held-out change from "
+    "its earlier policy, paired by task.",
 )
 
 MERGE = flags.DEFINE_multi_string(
@@ -192,6 +205,7 @@ def main(argv: list[str]) -> None:
     del argv
     from actfocus_jax.analysis.results import (
         aggregate_sweep,
+        earlier_gains,
         held_out_gain_markdown,
         held_out_gains,
         paired_gain,
@@ -256,6 +270,22 @@ def main(argv: list[str]) -> None:
         if rg["unmatched"]:
             print(f"no reference of their seed: {', '.join(rg['unmatched'])}")
         agg["reference_gain"] = rg
+    if EARLIER.value:
+        try:
+            earlier = read_sweep(EARLIER.value)
+        except FileNotFoundError as e:
+            raise SystemExit(f"[aggregate] --earlier_sweep: {e}") from None
+        eg = earlier_gains(read_sweep(SWEEP_DIR.value), earlier, confidence=CONFIDENCE.value)
+        if not eg["runs"]:
+            raise SystemExit(
+                f"[aggregate] --earlier_sweep={EARLIER.value}: no run of {SWEEP_DIR.value} has a "
+                "run of the same name with rl/final_per_task.json there"
+            )
+        print(f"\nheld-out change from the same run in {EARLIER.value}, paired by task\n")
+        print(held_out_gain_markdown(eg))
+        if eg["unmatched"]:
+            print(f"no earlier run of their name: {', '.join(eg['unmatched'])}")
+        agg["earlier_gain"] = {"earlier_sweep": EARLIER.value, **eg}
     if MERGE.value:
         merge_sections(agg, MERGE.value, CONFIDENCE.value, MERGE_VARIANTS.value or None)
         for key in ("held_out_gain", "reference_gain"):

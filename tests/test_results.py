@@ -417,6 +417,48 @@ def _write_sweep_with_per_task(root, spec, per_task):
     return names
 
 
+def test_aggregate_cli_earlier_sweep_pairs_each_run_with_its_own_shorter_run(tmp_path):
+    """--earlier_sweep: every run's held-out change from the run of the same name in the earlier
+    sweep equals a NumPy float64 computation paired by task, and the per-variant mean and
+    t-interval over seeds too; a run without an earlier twin is listed, a missing directory is
+    refused by name."""
+    import numpy as np
+
+    rng = np.random.default_rng(8)
+    n = 36
+    draw = lambda: {m: rng.integers(0, 2, n).astype(float) for m in ("greedy", "sampled")}
+    names = [f"{v},seed={s}" for v in ("a=1", "b=2") for s in "012"]
+    before = {name: draw() for name in names}
+    after = {name: draw() for name in names}
+    _write_sweep_with_per_task(tmp_path / "old", [("a=1", "012"), ("b=2", "01")], before)
+    _write_sweep_with_per_task(tmp_path / "new", [("a=1", "012"), ("b=2", "012")], after)
+    run_aggregate(f"--sweep_dir={tmp_path / 'new'}", f"--earlier_sweep={tmp_path / 'old'}")
+    agg = json.loads((tmp_path / "new" / "aggregate.json").read_text())
+    eg = agg["earlier_gain"]
+    assert eg["unmatched"] == ["b=2,seed=2"] and sorted(eg["runs"]) == sorted(names[:-1])
+    for m in ("greedy", "sampled"):
+        for name in names[:-1]:
+            d = after[name][m] - before[name][m]
+            g = eg["runs"][name][m]
+            assert math.isclose(g["mean"], float(d.mean()), abs_tol=1e-12)
+            half = R.t_quantile(0.975, n - 1) * d.std(ddof=1) / math.sqrt(n)
+            assert math.isclose(g["hi"] - g["mean"], half, rel_tol=1e-9)
+        for v, seeds in (("a=1", "012"), ("b=2", "01")):
+            means = [
+                float(np.mean(after[f"{v},seed={s}"][m] - before[f"{v},seed={s}"][m]))
+                for s in seeds
+            ]
+            ci = eg["variants"][v][m]
+            assert ci["n"] == len(seeds) and math.isclose(
+                ci["mean"], float(np.mean(means)), abs_tol=1e-12
+            )
+    assert "Held-out change from the same run in" in (tmp_path / "new" / "aggregate.md").read_text()
+    out = run_aggregate(
+        f"--sweep_dir={tmp_path / 'new'}", f"--earlier_sweep={tmp_path / 'gone'}", check=False
+    )
+    assert out.returncode != 0 and f"no sweep directory {tmp_path / 'gone'}" in out.stderr
+
+
 def test_merge_gains_recomputes_over_the_union_of_sweeps(tmp_path):
     """An earlier sweep's aggregate.json (seeds 0-1, its run directories deleted) merged with a new
     sweep (seed 2, plus a re-run of one seed-1 run): the per-variant mean and t-interval over the

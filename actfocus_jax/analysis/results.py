@@ -41,6 +41,7 @@ __all__ = [
     "aggregate",
     "aggregate_sweep",
     "band_mean",
+    "earlier_gains",
     "eval_points",
     "gain_by_seed_markdown",
     "held_out_gain_markdown",
@@ -584,6 +585,36 @@ def reference_gains(
     out = _gains_by_variant(todo, before_of, modes, confidence)
     out["references"] = {str(s): r["dir"] for s, r in by_seed.items()}
     out["unmatched"] = [r["name"] for r in todo if r["name"] not in out["runs"]]
+    return out
+
+
+def earlier_gains(
+    runs: Sequence[Mapping[str, Any]],
+    earlier: Sequence[Mapping[str, Any]],
+    *,
+    modes: Sequence[str] = ("greedy", "sampled"),
+    confidence: float = 0.95,
+) -> dict[str, Any]:
+    """Held-out change of every run from the run of the same name in an earlier sweep, paired by
+    task: e.g. runs extended from 40 to 80 steps (``experiments.sweep --resume``) against their
+    own 40-step policies, so each difference is what the extra steps did to that run.
+
+    Args:
+      runs: :func:`read_run` dicts.
+      earlier: :func:`read_run` dicts of the earlier sweep (matched by ``name``).
+
+    Returns:
+      :func:`held_out_gains`'s dict plus ``"unmatched"`` (runs with no earlier run of their name,
+      or a missing per-task file on either side).
+    """
+    by_name = {r["name"]: r for r in earlier}
+
+    def before_of(r):
+        e = by_name.get(r["name"])
+        return e.get("per_task") if e else None
+
+    out = _gains_by_variant(runs, before_of, modes, confidence)
+    out["unmatched"] = [r["name"] for r in runs if r["name"] not in out["runs"]]
     return out
 
 
@@ -1247,6 +1278,11 @@ def write_aggregate(agg: Mapping[str, Any], out_dir: str | os.PathLike) -> dict[
         md += "\n\nPer seed (greedy / sampled):\n\n" + gain_by_seed_markdown(rg)
         if rg.get("unmatched"):
             md += f"\n\nNo reference of their seed: {', '.join(rg['unmatched'])}"
+    if agg.get("earlier_gain"):
+        eg = agg["earlier_gain"]
+        md += f"\n\nHeld-out change from the same run in {eg['earlier_sweep']} (trained for fewer "
+        md += "steps), paired by task:\n\n" + held_out_gain_markdown(eg)
+        md += "\n\nPer seed (greedy / sampled):\n\n" + gain_by_seed_markdown(eg)
     if agg.get("variant_differences"):
         md += "\n\nDifferences of mean held-out gains between variants, over their runs (seeds; "
         md += "Welch t-interval, exact permutation p):\n\n"
