@@ -284,7 +284,10 @@ def main(argv: list[str]) -> None:
         print(f"\nheld-out change from the same run in {EARLIER.value}, paired by task\n")
         print(held_out_gain_markdown(eg))
         if eg["unmatched"]:
-            print(f"no earlier run of their name: {', '.join(eg['unmatched'])}")
+            print(
+                "not paired (no rl/final_per_task.json here, or no finished run of the same name "
+                f"there): {', '.join(eg['unmatched'])}"
+            )
         agg["earlier_gain"] = {"earlier_sweep": EARLIER.value, **eg}
     if MERGE.value:
         merge_sections(agg, MERGE.value, CONFIDENCE.value, MERGE_VARIANTS.value or None)
