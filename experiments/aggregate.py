@@ -37,7 +37,10 @@ its held-out difference from the reference of its own seed, paired by task
 steps (the runs of this sweep were extended from their checkpoints with ``experiments.sweep
 --resume``); every run gets its held-out change from its own earlier policy, paired by task, and
 every variant the mean and t-interval over seeds
-(:func:`actfocus_jax.analysis.results.earlier_gains`), under ``"earlier_gain"``.
+(:func:`actfocus_jax.analysis.results.earlier_gains`), under ``"earlier_gain"``; ``--compare`` and
+``--interaction`` then also compare these changes between variants (under ``"earlier_variant_differences"``
+and ``"earlier_variant_interactions"``), e.g. whether the extra steps did more for ActFocus-GRPO
+than for GRPO.
 
 ``--merge`` (repeated): the ``aggregate.json`` of earlier sweeps of the same protocol (same warm
 start, baseline and reference variant; e.g. other seeds, whose run directories may be gone). Their
@@ -299,23 +302,33 @@ def main(argv: list[str]) -> None:
                     print(f"identical in both (re-runs): {', '.join(agg[key]['repeated'])}")
     contrasts = (
         (COMPARE, "--compare", "variant_differences", parse_comparison, variant_differences,
-         variant_differences_markdown, "differences of mean held-out gains between variants"),
+         variant_differences_markdown, "differences between variants"),
         (INTERACTIONS, "--interaction", "variant_interactions", parse_interaction,
-         variant_interactions, variant_interactions_markdown,
-         "differences of differences of mean held-out gains"),
+         variant_interactions, variant_interactions_markdown, "differences of differences"),
     )  # fmt: skip
+    # Each contrast over the gains over the baseline, and over the changes from the earlier runs.
+    sources = (
+        ("held_out_gain", "", "mean held-out gains"),
+        ("earlier_gain", "earlier_", "mean held-out changes from the earlier runs"),
+    )
     for flag, name, key, parse, compute, markdown, title in contrasts:
         if not flag.value:
             continue
-        if "held_out_gain" not in agg:
-            raise SystemExit(f"[aggregate] {name} needs --baseline_per_task (it compares gains)")
-        try:
-            specs = [parse(x) for x in flag.value]
-            agg[key] = compute(agg["held_out_gain"], specs, confidence=CONFIDENCE.value)
-        except ValueError as e:
-            raise SystemExit(f"[aggregate] {name}: {e}") from None
-        print(f"\n{title} (over their seeds)\n")
-        print(markdown(agg[key]))
+        if not any(src in agg for src, _, _ in sources):
+            raise SystemExit(
+                f"[aggregate] {name} needs --baseline_per_task or --earlier_sweep (it compares "
+                "gains)"
+            )
+        for src, prefix, what in sources:
+            if src not in agg:
+                continue
+            try:
+                specs = [parse(x) for x in flag.value]
+                agg[prefix + key] = compute(agg[src], specs, confidence=CONFIDENCE.value)
+            except ValueError as e:
+                raise SystemExit(f"[aggregate] {name}: {e}") from None
+            print(f"\n{title} of {what} (over their seeds)\n")
+            print(markdown(agg[prefix + key]))
     if TRAIN_METRICS.value:
         try:
             bands = parse_bands(BANDS.value)

@@ -432,11 +432,19 @@ def test_aggregate_cli_earlier_sweep_pairs_each_run_with_its_own_shorter_run(tmp
     after = {name: draw() for name in names}
     _write_sweep_with_per_task(tmp_path / "old", [("a=1", "012"), ("b=2", "01")], before)
     _write_sweep_with_per_task(tmp_path / "new", [("a=1", "012"), ("b=2", "012")], after)
-    run_aggregate(f"--sweep_dir={tmp_path / 'new'}", f"--earlier_sweep={tmp_path / 'old'}")
+    run_aggregate(
+        f"--sweep_dir={tmp_path / 'new'}",
+        f"--earlier_sweep={tmp_path / 'old'}",
+        "--compare=a=1|b=2",
+    )
     agg = json.loads((tmp_path / "new" / "aggregate.json").read_text())
     eg = agg["earlier_gain"]
+    assert "variant_differences" not in agg  # no baseline: only the changes are compared
+    (pair,) = agg["earlier_variant_differences"]["pairs"]
+    assert pair["seeds_a"] == ["0", "1", "2"] and pair["seeds_b"] == ["0", "1"]
     assert eg["unmatched"] == ["b=2,seed=2"] and sorted(eg["runs"]) == sorted(names[:-1])
     for m in ("greedy", "sampled"):
+        changes = {}
         for name in names[:-1]:
             d = after[name][m] - before[name][m]
             g = eg["runs"][name][m]
@@ -452,7 +460,13 @@ def test_aggregate_cli_earlier_sweep_pairs_each_run_with_its_own_shorter_run(tmp
             assert ci["n"] == len(seeds) and math.isclose(
                 ci["mean"], float(np.mean(means)), abs_tol=1e-12
             )
-    assert "Held-out change from the same run in" in (tmp_path / "new" / "aggregate.md").read_text()
+            changes[v] = means
+        mean, se, df = _welch_reference(changes["a=1"], changes["b=2"])
+        d = pair["modes"][m]
+        assert math.isclose(d["mean"], mean, abs_tol=1e-12)
+        assert math.isclose(d["se"], se, rel_tol=1e-9) and math.isclose(d["df"], df, rel_tol=1e-9)
+    md = (tmp_path / "new" / "aggregate.md").read_text()
+    assert "Held-out change from the same run in" in md and "a=1 minus b=2" in md
     out = run_aggregate(
         f"--sweep_dir={tmp_path / 'new'}", f"--earlier_sweep={tmp_path / 'gone'}", check=False
     )

@@ -1291,6 +1291,14 @@ def write_aggregate(agg: Mapping[str, Any], out_dir: str | os.PathLike) -> dict[
         md += "\n\nDifferences of differences of mean held-out gains, over the four variants' "
         md += "runs (seeds; Welch-Satterthwaite interval, no permutation p):\n\n"
         md += variant_interactions_markdown(agg["variant_interactions"])
+    if agg.get("earlier_variant_differences"):
+        md += "\n\nDifferences between variants of the runs' held-out changes from their earlier "
+        md += "runs (Welch t-interval, exact permutation p):\n\n"
+        md += variant_differences_markdown(agg["earlier_variant_differences"])
+    if agg.get("earlier_variant_interactions"):
+        md += "\n\nDifferences of differences of the runs' held-out changes from their earlier "
+        md += "runs (Welch-Satterthwaite interval):\n\n"
+        md += variant_interactions_markdown(agg["earlier_variant_interactions"])
     if agg.get("step_bands"):
         md += "\n\nTraining metrics averaged over step bands, mean over seeds:\n\n"
         md += step_bands_markdown(agg["step_bands"])
