@@ -892,9 +892,9 @@ def variant_interactions(
     mode, with the Welch-Satterthwaite interval over the runs (seeds) of the four variants
     (:func:`welch_contrast`, weights ``1, -1, -1, 1``): e.g. whether ActFocus costs PPO more than
     it costs GRPO. Each side's own difference is given too (``"ab"``, ``"cd"``,
-    :func:`welch_difference`). A variant may appear on both sides (e.g. ``(A - B) - (A - C)``);
-    its runs are then counted once per appearance, which the interval treats as independent, so
-    such a contrast should be written as the plain difference ``C - B`` instead: refused.
+    :func:`welch_difference`). A variant on both sides (e.g. ``(A - B) - (A - C)``) is refused:
+    the interval would count its runs twice as if independent; that contrast is the plain
+    difference ``C - B`` (``--compare``).
 
     Returns ``{"confidence", "interactions": [{"a", "b", "c", "d", "seeds": {variant: [seeds]},
     "modes": {mode: {**welch_contrast, "ab", "cd"}}}]}``; ``ValueError`` naming a variant without
