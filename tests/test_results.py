@@ -192,6 +192,13 @@ def test_aggregate_cli_writes_json_and_markdown(tmp_path):
     agg = json.loads((tmp_path / "sweep" / "aggregate.json").read_text())
     assert len(agg["variants"]) == 2
     assert (tmp_path / "sweep" / "aggregate.md").read_text().startswith("| variant")
+    # --metrics= (e.g. only paired gains wanted): one line instead of an empty table.
+    out = run_aggregate(f"--sweep_dir={tmp_path / 'sweep'}", "--metrics=")
+    line = (
+        "No final-step held-out metrics to tabulate (metrics asked for: none (--metrics is empty))."
+    )
+    assert line in out.stdout and "best common step" not in out.stdout
+    assert (tmp_path / "sweep" / "aggregate.md").read_text().startswith(line)
 
 
 def test_paired_gain_matches_numpy_and_flags_unpaired_runs():

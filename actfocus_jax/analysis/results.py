@@ -1131,10 +1131,19 @@ def _md_row(cells: Sequence[str]) -> str:
     return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
 
 
+def _no_rows(agg: Mapping[str, Any]) -> str:
+    """The line that stands for the final-step table when no run evaluated any of its metrics."""
+    metrics = ", ".join(agg.get("metrics") or []) or "none (--metrics is empty)"
+    return f"No final-step held-out metrics to tabulate (metrics asked for: {metrics})."
+
+
 def markdown_table(agg: Mapping[str, Any], digits: int = 3) -> str:
-    """A Markdown table of :func:`aggregate` (one row per variant x metric)."""
+    """A Markdown table of :func:`aggregate` (one row per variant x metric); one line saying so
+    when there is no row."""
     header, rows = _rows(agg, digits)
     lines = [_md_row(header), "|" + "---|" * len(header)] + [_md_row(r) for r in rows]
+    if not rows:
+        lines = [_no_rows(agg)]
     if agg.get("skipped"):
         lines += ["", f"Skipped (incomplete): {', '.join(agg['skipped'])}"]
     return "\n".join(lines)
@@ -1243,6 +1252,8 @@ def text_table(agg: Mapping[str, Any], digits: int = 3) -> str:
     widths = [max(len(r[j]) for r in [header, *rows]) for j in range(len(header))]
     fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
     lines = [fmt(header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows]
+    if not rows:
+        lines = [_no_rows(agg)]
     if agg.get("skipped"):
         lines.append(f"skipped (incomplete): {', '.join(agg['skipped'])}")
     return "\n".join(lines)
