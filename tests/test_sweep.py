@@ -41,22 +41,23 @@ def test_malformed_grids_are_refused(bad):
         sweep.expand(bad, ["0"])
 
 
-def test_dry_run_prints_one_command_per_run(tmp_path):
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "experiments.sweep",
-            "--dry_run",
-            f"--workdir={tmp_path}",
-            "--grid=actfocus.alpha=0,0.3|actfocus.scope=turn",
-            "--seeds=0,1",
-            "--override=algo.kl_coef=0",
-        ],
+def dry_run(workdir, *flags):
+    """``experiments.sweep --dry_run --workdir=<workdir> <flags>``: its stdout."""
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.sweep", "--dry_run", f"--workdir={workdir}", *flags],
         capture_output=True,
         text=True,
         check=True,
     ).stdout
+
+
+def test_dry_run_prints_one_command_per_run(tmp_path):
+    out = dry_run(
+        tmp_path,
+        "--grid=actfocus.alpha=0,0.3|actfocus.scope=turn",
+        "--seeds=0,1",
+        "--override=algo.kl_coef=0",
+    )
     cmds = [line for line in out.splitlines() if "experiments.train" in line]
     assert len(cmds) == 6
     assert sum("--config.actfocus.scope=turn" in c for c in cmds) == 2
@@ -76,21 +77,7 @@ def test_resume_continues_only_runs_with_a_finished_checkpoint(tmp_path):
     (tmp_path / "actfocus.alpha=0.3,seed=1" / "rl" / "summary.json").write_text("{}")
 
     def commands(*extra):
-        out = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "experiments.sweep",
-                "--dry_run",
-                f"--workdir={tmp_path}",
-                "--grid=actfocus.alpha=0,0.3",
-                "--seeds=0,1",
-                *extra,
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
+        out = dry_run(tmp_path, "--grid=actfocus.alpha=0,0.3", "--seeds=0,1", *extra)
         lines = [line for line in out.splitlines() if "experiments.train" in line]
         return {line.split("--workdir=")[1].split()[0]: line for line in lines}
 

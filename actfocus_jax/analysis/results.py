@@ -1294,22 +1294,23 @@ def write_aggregate(agg: Mapping[str, Any], out_dir: str | os.PathLike) -> dict[
         md += f"\n\nHeld-out change from the same run in {eg['earlier_sweep']} (trained for fewer "
         md += "steps), paired by task:\n\n" + held_out_gain_markdown(eg)
         md += "\n\nPer seed (greedy / sampled):\n\n" + gain_by_seed_markdown(eg)
-    if agg.get("variant_differences"):
-        md += "\n\nDifferences of mean held-out gains between variants, over their runs (seeds; "
-        md += "Welch t-interval, exact permutation p):\n\n"
-        md += variant_differences_markdown(agg["variant_differences"])
-    if agg.get("variant_interactions"):
-        md += "\n\nDifferences of differences of mean held-out gains, over the four variants' "
-        md += "runs (seeds; Welch-Satterthwaite interval, no permutation p):\n\n"
-        md += variant_interactions_markdown(agg["variant_interactions"])
-    if agg.get("earlier_variant_differences"):
-        md += "\n\nDifferences between variants of the runs' held-out changes from their earlier "
-        md += "runs (Welch t-interval, exact permutation p):\n\n"
-        md += variant_differences_markdown(agg["earlier_variant_differences"])
-    if agg.get("earlier_variant_interactions"):
-        md += "\n\nDifferences of differences of the runs' held-out changes from their earlier "
-        md += "runs (Welch-Satterthwaite interval):\n\n"
-        md += variant_interactions_markdown(agg["earlier_variant_interactions"])
+    contrasts = (
+        ("variant_differences", variant_differences_markdown,
+         "Differences of mean held-out gains between variants, over their runs (seeds; Welch "
+         "t-interval, exact permutation p)"),
+        ("variant_interactions", variant_interactions_markdown,
+         "Differences of differences of mean held-out gains, over the four variants' runs (seeds; "
+         "Welch-Satterthwaite interval, no permutation p)"),
+        ("earlier_variant_differences", variant_differences_markdown,
+         "Differences between variants of the runs' held-out changes from their earlier runs "
+         "(Welch t-interval, exact permutation p)"),
+        ("earlier_variant_interactions", variant_interactions_markdown,
+         "Differences of differences of the runs' held-out changes from their earlier runs "
+         "(Welch-Satterthwaite interval)"),
+    )  # fmt: skip
+    for key, table, title in contrasts:
+        if agg.get(key):
+            md += f"\n\n{title}:\n\n" + table(agg[key])
     if agg.get("step_bands"):
         md += "\n\nTraining metrics averaged over step bands, mean over seeds:\n\n"
         md += step_bands_markdown(agg["step_bands"])
