@@ -1,9 +1,12 @@
-"""``_crash_rerun``: a test whose xdist worker dies of a signal runs once more; failures do not."""
+"""``_crash_rerun``: a test whose xdist worker dies of a signal runs again (at most ``MAX_RERUNS``
+more times); failures do not."""
 
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+from _crash_rerun import MAX_RERUNS
 
 SUITE = """
 import os
@@ -68,10 +71,12 @@ def test_a_crashed_test_runs_once_more_and_is_listed(tmp_path):
     assert "test_throwaway.py::test_crashes_first_time" in summary
 
 
-def test_a_second_crash_and_a_failed_assertion_fail_without_more_runs(tmp_path):
+def test_a_third_crash_and_a_failed_assertion_fail_without_more_runs(tmp_path):
     out, counts = run_suite(tmp_path, "crashes_always", "fails_an_assertion", returncode=1)
-    assert counts == {"crash_always": 2, "assertion": 1}
-    assert "2 failed, 1 rerun" in out
+    assert counts == {"crash_always": 1 + MAX_RERUNS, "assertion": 1}
+    assert f"2 failed, {MAX_RERUNS} rerun" in out
+    summary = out.split("tests run once more after their worker crashed")[1]
+    assert f"test_throwaway.py::test_crashes_always ({MAX_RERUNS} crashes)" in summary
 
 
 def test_a_scheduler_that_cannot_reschedule_leaves_the_crash_failed(tmp_path):
