@@ -9,9 +9,9 @@ process and subprocess, except the one regression test that checks the role grad
 XLA:CPU's default flags. Worker crashes were seen with them on and off, in different tests
 (``test_resume_is_exact...`` twice; 2026-12-06, 1 of 3 fresh-clone CI runs: the main thread in
 ``Executable.serialize``, writing the compilation cache below, during a FrozenLake eval-rollout
-compile), so any test whose xdist worker dies of a signal runs once more on a fresh worker
-(``_crash_rerun.py``; listed in the terminal summary, "N rerun" in the last line); a second crash
-or any failed assertion fails as usual.
+compile), so any test whose xdist worker dies of a signal runs again on a fresh worker, up to
+``_crash_rerun.MAX_RERUNS`` times (listed in the terminal summary, "N rerun" in the last line); a
+crash on every run or any failed assertion fails as usual.
 
 The suite is bound by XLA compiles (a train step of the 2-layer test model: ~25 s to compile and
 ~1 s to run, measured on 2 shared cores), and many tests and test subprocesses compile the same
@@ -41,7 +41,7 @@ if _OWN_CACHE:
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
 
 import jax  # noqa: E402  (after the environment variables above)
-from _crash_rerun import (  # noqa: E402, F401  (pytest hooks: a crashed test runs once more)
+from _crash_rerun import (  # noqa: E402, F401  (pytest hooks: a crashed test runs again)
     pytest_handlecrashitem,
     pytest_report_teststatus,
     pytest_terminal_summary,
