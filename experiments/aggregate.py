@@ -9,6 +9,7 @@ over seeds.
         [--train_metrics=train/adv_mean,train/value_loss --bands=1-10,31-40]
         [--merge=<earlier aggregate.json> [--merge_variant=<variant> ...]]
         [--compare='<variant A>|<variant B>' ...] [--interaction='<A>|<B>|<C>|<D>' ...]
+        [--trend='<x>:<variant>|<x>:<variant>|<x>:<variant>...' ...]
 
 Reads every run of a directory made by ``experiments/sweep.py`` (``<run>/rl/metrics.jsonl`` and
 ``<run>/rl/summary.json``), groups the runs by variant (the run name without ``seed=...``), and
@@ -37,10 +38,11 @@ its held-out difference from the reference of its own seed, paired by task
 steps (the runs of this sweep were extended from their checkpoints with ``experiments.sweep
 --resume``); every run gets its held-out change from its own earlier policy, paired by task, and
 every variant the mean and t-interval over seeds
-(:func:`actfocus_jax.analysis.results.earlier_gains`), under ``"earlier_gain"``; ``--compare`` and
-``--interaction`` then also compare these changes between variants (under ``"earlier_variant_differences"``
-and ``"earlier_variant_interactions"``), e.g. whether the extra steps did more for ActFocus-GRPO
-than for GRPO.
+(:func:`actfocus_jax.analysis.results.earlier_gains`), under ``"earlier_gain"``; ``--compare``,
+``--interaction`` and ``--trend`` then also compare these changes between variants (under
+``"earlier_variant_differences"``, ``"earlier_variant_interactions"`` and
+``"earlier_variant_trends"``), e.g. whether the extra steps did more for ActFocus-GRPO than for
+GRPO.
 
 ``--merge`` (repeated): the ``aggregate.json`` of earlier sweeps of the same protocol (same warm
 start, baseline and reference variant; e.g. other seeds, whose run directories may be gone). Their
@@ -64,6 +66,13 @@ differences ``(A minus B) minus (C minus D)`` of mean held-out gains over the fo
 with the Welch-Satterthwaite interval (:func:`actfocus_jax.analysis.results.variant_interactions`),
 under ``"variant_interactions"``: e.g. whether ActFocus costs PPO more than it costs GRPO
 (``A, B`` = ActFocus-PPO, PPO; ``C, D`` = ActFocus-GRPO, GRPO).
+
+``--trend='<x>:<variant>|<x>:<variant>|<x>:<variant>...'`` (repeated, at least three levels, needs
+``--baseline_per_task``): a dose-response over a numeric factor, the least-squares slope of the
+variants' mean held-out gains on ``x`` (each level counted once) with the Welch-Satterthwaite
+interval (:func:`actfocus_jax.analysis.results.variant_trends`), under ``"variant_trends"``, the
+level means beside it: e.g. how ActFocus's gain changes with the reasoning weight ``alpha``, each
+level a variant of this sweep or of a ``--merge`` file (``0:actfocus.alpha=0|0.1:<default>|...``).
 
 ``--train_metrics`` with ``--bands``: training metrics of ``metrics.jsonl`` (advantage mean, value
 loss, the action tokens' mean energy, ...) averaged over inclusive step bands per run, and per
@@ -131,6 +140,13 @@ INTERACTIONS = flags.DEFINE_multi_string(
     [],
     "'<A>|<B>|<C>|<D>' (repeatable): (A minus B) minus (C minus D) of mean held-out gains over "
     "the four variants' runs, Welch-Satterthwaite interval; needs --baseline_per_task.",
+)
+TRENDS = flags.DEFINE_multi_string(
+    "trend",
+    [],
+    "'<x>:<variant>|<x>:<variant>|...' (repeatable, >= 3 levels): least-squares slope of the "
+    "variants' mean held-out gains on the numeric factor x, Welch-Satterthwaite interval; needs "
+    "--baseline_per_task.",
 )
 TRAIN_METRICS = flags.DEFINE_list(
     "train_metrics",
@@ -215,6 +231,7 @@ def main(argv: list[str]) -> None:
         parse_bands,
         parse_comparison,
         parse_interaction,
+        parse_trend,
         read_run,
         read_sweep,
         reference_gains,
@@ -225,6 +242,8 @@ def main(argv: list[str]) -> None:
         variant_differences_markdown,
         variant_interactions,
         variant_interactions_markdown,
+        variant_trends,
+        variant_trends_markdown,
         write_aggregate,
     )
 
@@ -305,6 +324,8 @@ def main(argv: list[str]) -> None:
          variant_differences_markdown, "differences between variants"),
         (INTERACTIONS, "--interaction", "variant_interactions", parse_interaction,
          variant_interactions, variant_interactions_markdown, "differences of differences"),
+        (TRENDS, "--trend", "variant_trends", parse_trend, variant_trends,
+         variant_trends_markdown, "linear trends over a numeric factor"),
     )  # fmt: skip
     # Each contrast over the gains over the baseline, and over the changes from the earlier runs.
     sources = (

@@ -951,3 +951,128 @@ def test_aggregate_cli_merge_variant_and_compare(tmp_path):
     assert proc.returncode != 0 and "no runs of --merge_variant zzz=1" in proc.stderr
     proc = run_aggregate(f"--sweep_dir={tmp_path / 'new'}", "--compare=a=1|d=0", check=False)
     assert proc.returncode != 0 and "--compare needs --baseline_per_task" in proc.stderr
+
+
+def test_trend_weights_are_the_least_squares_slope_of_the_level_means():
+    import numpy as np
+
+    rng = np.random.default_rng(5)
+    for xs in ([0.0, 0.1, 0.3, 0.5, 1.0], [2.0, -1.0, 0.5], [0.0, 0.0, 1.0, 3.0]):
+        means = rng.normal(0, 1, len(xs))
+        slope = float(np.polyfit(np.asarray(xs), means, 1)[0])
+        w = R.trend_weights(xs)
+        assert math.isclose(float(np.dot(w, means)), slope, rel_tol=1e-12, abs_tol=1e-14)
+        assert math.isclose(math.fsum(w), 0.0, abs_tol=1e-12)  # a constant has no slope
+    assert R.trend_weights([0.0, 1.0, 2.0])[1] == 0.0  # the middle level does not move the slope
+    with pytest.raises(ValueError, match="all x are equal"):
+        R.trend_weights([0.3, 0.3, 0.3])
+
+
+def test_variant_trends_float64_reference_and_its_errors():
+    import numpy as np
+
+    g = lambda greedy, sampled: {"greedy": {"mean": greedy}, "sampled": {"mean": sampled}}
+    vals = {  # unequal run counts per level; sampled rises with x, greedy is flat
+        "a=0": [(0.02, -0.10), (0.00, -0.12), (0.01, -0.09)],
+        "a=0.3": [(0.01, -0.05), (0.03, -0.07)],
+        "a=0.5": [(0.00, -0.04), (0.02, -0.02), (0.01, -0.05), (0.02, -0.03)],
+        "a=1": [(0.01, 0.00), (0.00, 0.01), (0.02, -0.01)],
+    }
+    gains = {"runs": {f"{v},seed={s}": g(*x) for v, xs in vals.items() for s, x in enumerate(xs)}}
+    spec = R.parse_trend(" 0:a=0 |0.3:a=0.3| 0.5 : a=0.5|1:a=1")
+    assert spec == ((0.0, "a=0"), (0.3, "a=0.3"), (0.5, "a=0.5"), (1.0, "a=1"))
+    vt = R.variant_trends(gains, [spec])
+    (t,) = vt["trends"]
+    assert [lv["x"] for lv in t["levels"]] == [0.0, 0.3, 0.5, 1.0]
+    assert t["levels"][2]["seeds"] == ["0", "1", "2", "3"]
+    xs = np.array([0.0, 0.3, 0.5, 1.0])
+    w = (xs - xs.mean()) / np.sum((xs - xs.mean()) ** 2)
+    for i, m in enumerate(("greedy", "sampled")):
+        cols = [[v[i] for v in vals[name]] for _, name in spec]
+        level_means = np.array([np.mean(c) for c in cols])
+        mean, se, df = _contrast_reference(cols, w)
+        d = t["modes"][m]
+        assert math.isclose(d["mean"], float(np.polyfit(xs, level_means, 1)[0]), abs_tol=1e-12)
+        assert math.isclose(d["mean"], mean, abs_tol=1e-12)
+        assert math.isclose(d["se"], se, rel_tol=1e-12) and math.isclose(d["df"], df, rel_tol=1e-12)
+        assert math.isclose(d["half_width"], R.t_quantile(0.975, math.floor(df)) * se)
+        np.testing.assert_allclose(d["level_means"], level_means, rtol=0, atol=1e-15)
+    assert t["modes"]["sampled"]["lo"] > 0  # the rise is resolved
+    md = R.variant_trends_markdown(vt)
+    assert "| 0: a=0, 0.3: a=0.3, 0.5: a=0.5, 1: a=1 | 3 / 2 / 4 / 3 |" in md
+    assert "-0.103, -0.060, -0.035, +0.000" in md and "**+0.1" in md
+    with pytest.raises(ValueError, match=r"variant 'a=2' has no runs.*a=0\.5"):
+        R.variant_trends(gains, [(*spec[:3], (2.0, "a=2"))])
+    bad = {
+        "0:a=0|0.3:a=0.3": "at least 3",
+        "0:a=0|x:a=0.3|1:a=1": "must be '<x>:<variant>'",
+        "0:a=0|0.3|1:a=1": "must be '<x>:<variant>'",
+        "0:a=0|inf:a=0.3|1:a=1": "must be '<x>:<variant>'",
+        "0:a=0|0.3:|1:a=1": "must be '<x>:<variant>'",
+        "0:a=0|0.3:a=0|1:a=1": "repeats a variant",
+        "1:a=0|1:a=0.3|1:a=1": "same x",
+    }
+    for spec_text, msg in bad.items():
+        with pytest.raises(ValueError, match=msg):
+            R.parse_trend(spec_text)
+
+
+def test_trend_interval_covers_the_least_squares_slope_of_the_true_means():
+    """Five levels of 3 runs with unequal spreads and a concave true response: the 95% interval
+    covers the least-squares slope of the true level means in ~95% of 3000 draws (binomial
+    3-sigma band 0.938-0.962; the floored df makes it slightly conservative)."""
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    xs = np.array([0.0, 0.1, 0.3, 0.5, 1.0])
+    true_means = 0.12 * np.sqrt(xs) - 0.1
+    sds = np.array([0.02, 0.04, 0.03, 0.05, 0.02])
+    target = float(np.polyfit(xs, true_means, 1)[0])
+    w = R.trend_weights(xs.tolist())
+    reps, covered = 3000, 0
+    for _ in range(reps):
+        groups = [rng.normal(mu, sd, 3).tolist() for mu, sd in zip(true_means, sds)]
+        c = R.welch_contrast(groups, w)
+        covered += c["lo"] <= target <= c["hi"]
+    assert 0.94 <= covered / reps <= 0.975, covered / reps
+
+
+def test_aggregate_cli_trend(tmp_path):
+    """--trend over three variants of a sweep: the slope and its interval equal a NumPy
+    computation over the runs' per-task gains, in the JSON and the markdown; a malformed level or
+    a missing baseline is refused by name."""
+    import numpy as np
+
+    rng = np.random.default_rng(6)
+    n = 32
+    draw = lambda: {m: rng.integers(0, 2, n).astype(float) for m in ("greedy", "sampled")}
+    base = draw()
+    (tmp_path / "base.json").write_text(json.dumps({m: v.tolist() for m, v in base.items()}))
+    variants = {"a=0": "012", "a=0.5": "01", "a=1": "0123"}
+    per_task = {f"{v},seed={s}": draw() for v, seeds in variants.items() for s in seeds}
+    _write_sweep_with_per_task(tmp_path / "sw", list(variants.items()), per_task)
+    sweep, base_flag = (
+        f"--sweep_dir={tmp_path / 'sw'}",
+        f"--baseline_per_task={tmp_path / 'base.json'}",
+    )
+    run_aggregate(sweep, base_flag, "--trend=0:a=0|0.5:a=0.5|1:a=1")
+    agg = json.loads((tmp_path / "sw" / "aggregate.json").read_text())
+    (t,) = agg["variant_trends"]["trends"]
+    xs = np.array([0.0, 0.5, 1.0])
+    for m in ("greedy", "sampled"):
+        gain = lambda v, m=m: [
+            float(np.mean(per_task[f"{v},seed={s}"][m] - base[m])) for s in variants[v]
+        ]
+        groups = [gain(v) for v in variants]
+        slope = float(np.polyfit(xs, [np.mean(gr) for gr in groups], 1)[0])
+        mean, se, df = _contrast_reference(groups, (xs - xs.mean()) / np.sum((xs - 0.5) ** 2))
+        d = t["modes"][m]
+        assert math.isclose(d["mean"], slope, abs_tol=1e-12)
+        assert math.isclose(d["mean"], mean, abs_tol=1e-12)
+        assert math.isclose(d["se"], se, rel_tol=1e-9) and math.isclose(d["df"], df, rel_tol=1e-9)
+    md = (tmp_path / "sw" / "aggregate.md").read_text()
+    assert "Linear trends of mean held-out gains" in md and "0: a=0, 0.5: a=0.5, 1: a=1" in md
+    out = run_aggregate(sweep, "--trend=0:a=0|0.5:a=0.5|1:a=1", check=False)
+    assert out.returncode != 0 and "--trend needs --baseline_per_task" in out.stderr
+    out = run_aggregate(sweep, base_flag, "--trend=0:a=0|half:a=0.5|1:a=1", check=False)
+    assert out.returncode != 0 and "must be '<x>:<variant>'" in out.stderr

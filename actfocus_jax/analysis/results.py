@@ -56,6 +56,7 @@ __all__ = [
     "parse_comparison",
     "parse_interaction",
     "parse_run_name",
+    "parse_trend",
     "permutation_p_value",
     "read_run",
     "read_sweep",
@@ -67,10 +68,13 @@ __all__ = [
     "t_cdf",
     "t_quantile",
     "text_table",
+    "trend_weights",
     "variant_differences",
     "variant_differences_markdown",
     "variant_interactions",
     "variant_interactions_markdown",
+    "variant_trends",
+    "variant_trends_markdown",
     "welch_contrast",
     "welch_difference",
     "write_aggregate",
@@ -952,6 +956,123 @@ def variant_interactions_markdown(vi: Mapping[str, Any], digits: int = 3) -> str
     return "\n".join(lines)
 
 
+def parse_trend(spec: str) -> tuple[tuple[float, str], ...]:
+    """``"<x>:<variant>|<x>:<variant>|..."`` (a dose: each variant at the value ``x`` of a numeric
+    factor, e.g. ``"0:actfocus.alpha=0|0.1:actfocus.enabled=true|1:actfocus.alpha=1"``) as
+    ``((x, variant), ...)`` in the order written. At least three levels, distinct variants, finite
+    ``x`` not all equal (two levels are a ``--compare``); ``ValueError`` naming the problem."""
+    example = "'0:actfocus.alpha=0|0.3:actfocus.alpha=0.3|1:actfocus.alpha=1'"
+    levels = []
+    for part in spec.split("|"):
+        x, sep, variant = part.partition(":")
+        try:
+            value = float(x)
+        except ValueError:
+            value = math.nan
+        if not sep or not variant.strip() or not math.isfinite(value):
+            raise ValueError(
+                f"trend {spec!r}: level {part.strip()!r} must be '<x>:<variant>' with a finite "
+                f"number x, e.g. {example}"
+            )
+        levels.append((value, variant.strip()))
+    if len(levels) < 3:
+        raise ValueError(
+            f"trend {spec!r} has {len(levels)} level(s); a trend needs at least 3 (for two, use "
+            "--compare='<A>|<B>'), e.g. " + example
+        )
+    variants = [v for _, v in levels]
+    if len(set(variants)) != len(variants):
+        raise ValueError(f"trend {spec!r} repeats a variant; each level is one variant's runs")
+    if len({x for x, _ in levels}) < 2:
+        raise ValueError(f"trend {spec!r}: every level has the same x; a slope needs two or more")
+    return tuple(levels)
+
+
+def trend_weights(xs: Sequence[float]) -> list[float]:
+    """Weights ``w_i = (x_i - mean(x)) / sum_j (x_j - mean(x))^2`` whose contrast ``sum_i w_i *
+    m_i`` is the least-squares slope of the level means ``m_i`` on ``x_i`` (each level counted
+    once, whatever its number of runs). ``ValueError`` when all ``x`` are equal."""
+    xbar = math.fsum(xs) / len(xs)
+    sxx = math.fsum((x - xbar) ** 2 for x in xs)
+    if sxx == 0.0:
+        raise ValueError("all x are equal: no slope")
+    return [(x - xbar) / sxx for x in xs]
+
+
+def variant_trends(
+    gains: Mapping[str, Any],
+    specs: Sequence[Sequence[tuple[float, str]]],
+    *,
+    confidence: float = 0.95,
+) -> dict[str, Any]:
+    """Linear trend of variants' mean held-out gains over a numeric factor (a dose-response, e.g.
+    how much success each unit of ActFocus's reasoning weight ``alpha`` buys), per mode.
+
+    The slope is the least-squares line through the level means (:func:`trend_weights`), i.e. a
+    linear contrast of independent variant means, with the Welch-Satterthwaite interval of
+    :func:`welch_contrast` (unequal variances and run counts allowed; a level at the mean ``x`` has
+    weight 0 and does not move the slope). It summarises the direction and size of a dose effect;
+    whether the response is linear is for the level means beside it to say (they are reported).
+
+    Returns ``{"confidence", "trends": [{"levels": [{"x", "variant", "seeds"}], "modes": {mode:
+    {**welch_contrast, "level_means": [...]}}}]}``; ``ValueError`` naming a variant without runs.
+    """
+    by_variant = _gains_of_variants(gains, [v for spec in specs for _, v in spec])
+    out = []
+    for spec in specs:
+        xs = [float(x) for x, _ in spec]
+        weights = trend_weights(xs)
+        runs = [by_variant[v] for _, v in spec]
+        per_mode = {}
+        for m in _ordered_modes([g for r in runs for g in r.values()]):
+            vals = [[g[m]["mean"] for g in r.values() if m in g] for r in runs]
+            c = welch_contrast(vals, weights, confidence)
+            c["level_means"] = [mean_ci(v, confidence)["mean"] for v in vals]
+            per_mode[m] = c
+        out.append(
+            {
+                "levels": [
+                    {"x": x, "variant": v, "seeds": sorted(r, key=_seed_key)}
+                    for (x, v), r in zip(spec, runs)
+                ],
+                "modes": per_mode,
+            }
+        )
+    return {"confidence": confidence, "trends": out}
+
+
+def variant_trends_markdown(vt: Mapping[str, Any], digits: int = 3) -> str:
+    """One row per trend: its levels (``x: variant``) with their runs, per mode the level means
+    and the slope per unit of ``x`` with its Welch-Satterthwaite interval (bold when it excludes
+    0)."""
+    pct = round(100 * vt["confidence"])
+    modes = list(dict.fromkeys(m for t in vt["trends"] for m in t["modes"]))
+    header = ["levels (x: variant)", "runs per level"]
+    for m in modes:
+        header += [f"{m}: mean gain per level", f"{m}: slope per unit x [Welch {pct}% CI]"]
+    lines = [_md_row(header), _md_row(["---"] * len(header))]
+    for t in vt["trends"]:
+        lv = t["levels"]
+        row = [
+            ", ".join(f"{_fmt_x(level['x'])}: {level['variant']}" for level in lv),
+            " / ".join(str(len(level["seeds"])) for level in lv),
+        ]
+        for m in modes:
+            d = t["modes"].get(m)
+            if d is None:
+                row += ["-", "-"]
+                continue
+            row.append(", ".join(_gain_cell({"mean": v}, digits) for v in d["level_means"]))
+            row.append(_gain_cell(d, digits))
+        lines.append(_md_row(row))
+    return "\n".join(lines)
+
+
+def _fmt_x(x: float) -> str:
+    """A dose value as written (``0.1``, ``1``), not ``1.0``."""
+    return f"{x:g}"
+
+
 def aggregate_sweep(
     sweep_dir: str | os.PathLike,
     metrics: Sequence[str] = DEFAULT_METRICS,
@@ -1301,12 +1422,18 @@ def write_aggregate(agg: Mapping[str, Any], out_dir: str | os.PathLike) -> dict[
         ("variant_interactions", variant_interactions_markdown,
          "Differences of differences of mean held-out gains, over the four variants' runs (seeds; "
          "Welch-Satterthwaite interval, no permutation p)"),
+        ("variant_trends", variant_trends_markdown,
+         "Linear trends of mean held-out gains over a numeric factor: least-squares slope through "
+         "the level means (Welch-Satterthwaite interval)"),
         ("earlier_variant_differences", variant_differences_markdown,
          "Differences between variants of the runs' held-out changes from their earlier runs "
          "(Welch t-interval, exact permutation p)"),
         ("earlier_variant_interactions", variant_interactions_markdown,
          "Differences of differences of the runs' held-out changes from their earlier runs "
          "(Welch-Satterthwaite interval)"),
+        ("earlier_variant_trends", variant_trends_markdown,
+         "Linear trends of the runs' held-out changes from their earlier runs over a numeric "
+         "factor (Welch-Satterthwaite interval)"),
     )  # fmt: skip
     for key, table, title in contrasts:
         if agg.get(key):
