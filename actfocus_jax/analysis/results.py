@@ -30,7 +30,7 @@ import itertools
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from actfocus_jax.train.logging import read_metrics
@@ -853,15 +853,31 @@ def variant_differences(
     return {"confidence": confidence, "pairs": pairs}
 
 
+def _contrast_head(
+    result: Mapping[str, Any],
+    items: str,
+    first: Sequence[str],
+    per_mode: Callable[[str, int], list[str]],
+) -> tuple[list[str], list[str]]:
+    """The modes of a contrast result's ``items`` (in order of appearance) and its markdown header
+    lines: the ``first`` columns, then ``per_mode(mode, confidence in %)`` columns per mode."""
+    pct = round(100 * result["confidence"])
+    modes = list(dict.fromkeys(m for it in result[items] for m in it["modes"]))
+    header = list(first)
+    for m in modes:
+        header += per_mode(m, pct)
+    return modes, [_md_row(header), _md_row(["---"] * len(header))]
+
+
 def variant_differences_markdown(vd: Mapping[str, Any], digits: int = 3) -> str:
     """One row per comparison: ``n_a`` / ``n_b`` runs, per mode the difference of mean gains with
     its Welch interval (bold when it excludes 0) and the exact permutation p-value."""
-    pct = round(100 * vd["confidence"])
-    modes = list(dict.fromkeys(m for p in vd["pairs"] for m in p["modes"]))
-    header = ["A minus B", "runs A / B"]
-    for m in modes:
-        header += [f"{m}: difference [Welch {pct}% CI]", f"{m}: permutation p"]
-    lines = [_md_row(header), _md_row(["---"] * len(header))]
+    modes, lines = _contrast_head(
+        vd,
+        "pairs",
+        ["A minus B", "runs A / B"],
+        lambda m, pct: [f"{m}: difference [Welch {pct}% CI]", f"{m}: permutation p"],
+    )
     for p in vd["pairs"]:
         row = [f"{p['a']} minus {p['b']}", f"{len(p['seeds_a'])} / {len(p['seeds_b'])}"]
         for m in modes:
@@ -934,12 +950,12 @@ def variant_interactions(
 def variant_interactions_markdown(vi: Mapping[str, Any], digits: int = 3) -> str:
     """One row per interaction: runs per variant, per mode the two differences (means) and their
     difference with its Welch-Satterthwaite interval (bold when it excludes 0)."""
-    pct = round(100 * vi["confidence"])
-    modes = list(dict.fromkeys(m for x in vi["interactions"] for m in x["modes"]))
-    header = ["(A minus B) minus (C minus D)", "runs A / B / C / D"]
-    for m in modes:
-        header += [f"{m}: A - B", f"{m}: C - D", f"{m}: difference [Welch {pct}% CI]"]
-    lines = [_md_row(header), _md_row(["---"] * len(header))]
+    modes, lines = _contrast_head(
+        vi,
+        "interactions",
+        ["(A minus B) minus (C minus D)", "runs A / B / C / D"],
+        lambda m, pct: [f"{m}: A - B", f"{m}: C - D", f"{m}: difference [Welch {pct}% CI]"],
+    )
     for x in vi["interactions"]:
         row = [
             f"({x['a']} minus {x['b']}) minus ({x['c']} minus {x['d']})",
@@ -1045,12 +1061,12 @@ def variant_trends_markdown(vt: Mapping[str, Any], digits: int = 3) -> str:
     """One row per trend: its levels (``x: variant``) with their runs, per mode the level means
     and the slope per unit of ``x`` with its Welch-Satterthwaite interval (bold when it excludes
     0)."""
-    pct = round(100 * vt["confidence"])
-    modes = list(dict.fromkeys(m for t in vt["trends"] for m in t["modes"]))
-    header = ["levels (x: variant)", "runs per level"]
-    for m in modes:
-        header += [f"{m}: mean gain per level", f"{m}: slope per unit x [Welch {pct}% CI]"]
-    lines = [_md_row(header), _md_row(["---"] * len(header))]
+    modes, lines = _contrast_head(
+        vt,
+        "trends",
+        ["levels (x: variant)", "runs per level"],
+        lambda m, pct: [f"{m}: mean gain per level", f"{m}: slope per unit x [Welch {pct}% CI]"],
+    )
     for t in vt["trends"]:
         lv = t["levels"]
         row = [
