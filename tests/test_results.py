@@ -866,32 +866,40 @@ def test_variant_interactions_and_its_errors():
             R.parse_interaction(bad)
 
 
+def _gains_sweep(tmp_path, variants, seed, n=32):
+    """A fake sweep (``tmp_path/sw``) of ``variants`` (``{variant: seeds}``) with random per-task
+    successes, and a random baseline file: returns the ``--sweep_dir`` and
+    ``--baseline_per_task`` flags and, per mode, each variant's per-seed gains over the baseline
+    computed in NumPy (``{mode: {variant: [gain per seed]}}``)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    draw = lambda: {m: rng.integers(0, 2, n).astype(float) for m in ("greedy", "sampled")}
+    base = draw()
+    (tmp_path / "base.json").write_text(json.dumps({m: v.tolist() for m, v in base.items()}))
+    per_task = {f"{v},seed={s}": draw() for v, seeds in variants.items() for s in seeds}
+    _write_sweep_with_per_task(tmp_path / "sw", list(variants.items()), per_task)
+    gains = {
+        m: {
+            v: [float(np.mean(per_task[f"{v},seed={s}"][m] - base[m])) for s in seeds]
+            for v, seeds in variants.items()
+        }
+        for m in ("greedy", "sampled")
+    }
+    return f"--sweep_dir={tmp_path / 'sw'}", f"--baseline_per_task={tmp_path / 'base.json'}", gains
+
+
 def test_aggregate_cli_interaction(tmp_path):
     """--interaction over a sweep of four variants: the difference of differences and its interval
     equal a NumPy computation over the runs' per-task gains, in the JSON and the markdown; without
     --baseline_per_task, or with an unknown variant, it is refused by name."""
-    import numpy as np
-
-    rng = np.random.default_rng(4)
-    n = 32
-    draw = lambda: {m: rng.integers(0, 2, n).astype(float) for m in ("greedy", "sampled")}
-    base = draw()
-    (tmp_path / "base.json").write_text(json.dumps({m: v.tolist() for m, v in base.items()}))
     variants = {"a=1": "012", "b=2": "01", "c=3": "012", "d=0": "0123"}
-    per_task = {f"{v},seed={s}": draw() for v, seeds in variants.items() for s in seeds}
-    _write_sweep_with_per_task(tmp_path / "sw", list(variants.items()), per_task)
-    sweep, base_flag = (
-        f"--sweep_dir={tmp_path / 'sw'}",
-        f"--baseline_per_task={tmp_path / 'base.json'}",
-    )
+    sweep, base_flag, gains = _gains_sweep(tmp_path, variants, seed=4)
     run_aggregate(sweep, base_flag, "--interaction=a=1|b=2|c=3|d=0")
     agg = json.loads((tmp_path / "sw" / "aggregate.json").read_text())
     (x,) = agg["variant_interactions"]["interactions"]
     for m in ("greedy", "sampled"):
-        gain = lambda v, m=m: [
-            float(np.mean(per_task[f"{v},seed={s}"][m] - base[m])) for s in variants[v]
-        ]
-        mean, se, df = _contrast_reference([gain(v) for v in variants], [1, -1, -1, 1])
+        mean, se, df = _contrast_reference(list(gains[m].values()), [1, -1, -1, 1])
         d = x["modes"][m]
         assert math.isclose(d["mean"], mean, abs_tol=1e-12)
         assert math.isclose(d["se"], se, rel_tol=1e-9) and math.isclose(d["df"], df, rel_tol=1e-9)
@@ -1043,29 +1051,17 @@ def test_aggregate_cli_trend(tmp_path):
     a missing baseline is refused by name."""
     import numpy as np
 
-    rng = np.random.default_rng(6)
-    n = 32
-    draw = lambda: {m: rng.integers(0, 2, n).astype(float) for m in ("greedy", "sampled")}
-    base = draw()
-    (tmp_path / "base.json").write_text(json.dumps({m: v.tolist() for m, v in base.items()}))
     variants = {"a=0": "012", "a=0.5": "01", "a=1": "0123"}
-    per_task = {f"{v},seed={s}": draw() for v, seeds in variants.items() for s in seeds}
-    _write_sweep_with_per_task(tmp_path / "sw", list(variants.items()), per_task)
-    sweep, base_flag = (
-        f"--sweep_dir={tmp_path / 'sw'}",
-        f"--baseline_per_task={tmp_path / 'base.json'}",
-    )
+    sweep, base_flag, gains = _gains_sweep(tmp_path, variants, seed=6)
     run_aggregate(sweep, base_flag, "--trend=0:a=0|0.5:a=0.5|1:a=1")
     agg = json.loads((tmp_path / "sw" / "aggregate.json").read_text())
     (t,) = agg["variant_trends"]["trends"]
     xs = np.array([0.0, 0.5, 1.0])
     for m in ("greedy", "sampled"):
-        gain = lambda v, m=m: [
-            float(np.mean(per_task[f"{v},seed={s}"][m] - base[m])) for s in variants[v]
-        ]
-        groups = [gain(v) for v in variants]
+        groups = list(gains[m].values())
         slope = float(np.polyfit(xs, [np.mean(gr) for gr in groups], 1)[0])
-        mean, se, df = _contrast_reference(groups, (xs - xs.mean()) / np.sum((xs - 0.5) ** 2))
+        w = (xs - xs.mean()) / np.sum((xs - xs.mean()) ** 2)
+        mean, se, df = _contrast_reference(groups, w)
         d = t["modes"][m]
         assert math.isclose(d["mean"], slope, abs_tol=1e-12)
         assert math.isclose(d["mean"], mean, abs_tol=1e-12)
