@@ -31,7 +31,8 @@ _crashed: list[str] = []
 def pytest_handlecrashitem(crashitem, report, sched):
     """xdist calls this in the controller when a worker dies while running ``crashitem``."""
     if _crashed.count(crashitem) >= MAX_RERUNS:
-        return  # crashed on every run: the report stays failed
+        _crashed.append(crashitem)  # counted in the summary; crashed on every run: stays failed
+        return
     try:
         sched.mark_test_pending(crashitem)
     except NotImplementedError:  # schedulers such as --dist=loadscope cannot reschedule one test

@@ -76,7 +76,7 @@ def test_a_third_crash_and_a_failed_assertion_fail_without_more_runs(tmp_path):
     assert counts == {"crash_always": 1 + MAX_RERUNS, "assertion": 1}
     assert f"2 failed, {MAX_RERUNS} rerun" in out
     summary = out.split(SUMMARY_HEADING)[1]
-    assert f"test_throwaway.py::test_crashes_always ({MAX_RERUNS} crashes)" in summary
+    assert f"test_throwaway.py::test_crashes_always ({1 + MAX_RERUNS} crashes)" in summary
 
 
 def test_a_scheduler_that_cannot_reschedule_leaves_the_crash_failed(tmp_path):
