@@ -256,18 +256,47 @@ def test_results_notebook(tiny_run, kernel_env, monkeypatch, tmp_path):
     (ref / "rl" / "final_per_task.json").write_text(
         json.dumps({m: [1.0] * len(v) for m, v in final.items()})
     )
+    # A saved aggregate of a 4-level dose-response (as experiments.aggregate --trend writes it):
+    # its trend is plotted, and a 3-level one is fitted in the notebook over its gains.
+    xs, rng = [0.0, 0.1, 0.5, 1.0], np.random.default_rng(0)
+    gain = {(x, s): 0.2 * x + 0.05 * rng.standard_normal() for x in xs for s in range(3)}
+    saved = R.merge_gains(
+        [
+            {
+                "runs": {
+                    f"actfocus.alpha={x:g},seed={s}": {"greedy": {"mean": g}}
+                    for (x, s), g in gain.items()
+                }
+            }
+        ]
+    )
+    spec = "|".join(f"{x:g}:actfocus.alpha={x:g}" for x in xs)
+    trends = R.variant_trends(saved, [R.parse_trend(spec)])
+    (tmp_path / "agg.json").write_text(
+        json.dumps({"held_out_gain": saved, "variant_trends": trends})
+    )
     env = dict(
         kernel_env,
         ACTFOCUS_NB_RUN_DIRS=tiny_run["run"],
         ACTFOCUS_NB_SWEEP_DIR=str(tiny_run["sweep"]),
         ACTFOCUS_NB_BASELINE=str(tmp_path / "base.json"),
         ACTFOCUS_NB_REFERENCE_RUNS=str(ref),
+        ACTFOCUS_NB_AGGREGATE=str(tmp_path / "agg.json"),
+        ACTFOCUS_NB_TRENDS="0:actfocus.alpha=0|0.5:actfocus.alpha=0.5|1:actfocus.alpha=1",
     )
     data, text = _execute("results.ipynb", env, monkeypatch, NOTEBOOKS)
     images = [d for d in data if "image/png" in d]
     tables = [d["text/markdown"] for d in data if "text/markdown" in d]
-    # learning curves, per-variant bars, held-out gains, differences from the reference, seed means
-    assert len(images) >= 5
+    # learning curves, per-variant bars, held-out gains, differences from the reference, seed
+    # means, the saved and the fitted dose-response
+    assert len(images) >= 7
+    assert "agg.json: 1 saved dose-responses" in text
+    assert "levels: 0: actfocus.alpha=0, 0.1: actfocus.alpha=0.1, 0.5:" in text
+    # The fitted slope over the three levels: NumPy's least-squares line through the level means.
+    fitted = next(t for t in tables if t.startswith("| levels (x: variant) |"))
+    level_means = [np.mean([gain[x, s] for s in range(3)]) for x in (0.0, 0.5, 1.0)]
+    slope = np.polyfit([0.0, 0.5, 1.0], level_means, 1)[0]
+    assert f"{slope:+.3f} [" in fitted.splitlines()[2]
     assert any(t.startswith("| run | metric") for t in tables)
     agg_table = next(t for t in tables if t.startswith("| variant | metric"))
     assert "actfocus.enabled=false | greedy/success | 2 |" in agg_table
