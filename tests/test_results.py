@@ -976,6 +976,26 @@ def test_trend_weights_are_the_least_squares_slope_of_the_level_means():
         R.trend_weights([0.3, 0.3, 0.3])
 
 
+def test_curvature_weights_are_the_least_squares_x2_coefficient_of_the_level_means():
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    for xs in ([0.0, 0.05, 0.1, 0.3, 0.5, 1.0], [2.0, -1.0, 0.5], [0.0, 0.0, 1.0, 3.0]):
+        x = np.asarray(xs)
+        w = R.curvature_weights(xs)
+        for _ in range(3):
+            means = rng.normal(0, 1, len(xs))
+            c = float(np.polyfit(x, means, 2)[0])
+            assert math.isclose(float(np.dot(w, means)), c, rel_tol=1e-9, abs_tol=1e-12)
+        # A straight line has no curvature; a pure parabola's coefficient is recovered.
+        assert math.isclose(float(np.dot(w, 3.0 - 2.0 * x)), 0.0, abs_tol=1e-12)
+        assert math.isclose(float(np.dot(w, 0.7 * x**2 + x)), 0.7, rel_tol=1e-12)
+    # Three equally spaced levels: the classic (1, -2, 1) contrast over 2 h^2.
+    np.testing.assert_allclose(R.curvature_weights([0.0, 0.5, 1.0]), [2.0, -4.0, 2.0], rtol=1e-12)
+    with pytest.raises(ValueError, match="at least 3 distinct x"):
+        R.curvature_weights([0.0, 0.0, 1.0])
+
+
 def test_variant_trends_float64_reference_and_its_errors():
     import numpy as np
 
@@ -1005,10 +1025,24 @@ def test_variant_trends_float64_reference_and_its_errors():
         assert math.isclose(d["se"], se, rel_tol=1e-12) and math.isclose(d["df"], df, rel_tol=1e-12)
         assert math.isclose(d["half_width"], R.t_quantile(0.975, math.floor(df)) * se)
         np.testing.assert_allclose(d["level_means"], level_means, rtol=0, atol=1e-15)
+        # Curvature: the x^2 row of the least-squares solution [1, x, x^2] (pseudo-inverse).
+        wc = np.linalg.pinv(np.stack([np.ones_like(xs), xs, xs**2], axis=1))[2]
+        mean, se, df = _contrast_reference(cols, wc)
+        cv = d["curvature"]
+        assert math.isclose(cv["mean"], float(np.polyfit(xs, level_means, 2)[0]), abs_tol=1e-12)
+        assert math.isclose(cv["mean"], mean, abs_tol=1e-12)
+        assert math.isclose(cv["se"], se, rel_tol=1e-9) and math.isclose(cv["df"], df, rel_tol=1e-9)
     assert t["modes"]["sampled"]["lo"] > 0  # the rise is resolved
     md = R.variant_trends_markdown(vt)
     assert "| 0: a=0, 0.3: a=0.3, 0.5: a=0.5, 1: a=1 | 3 / 2 / 4 / 3 |" in md
     assert "-0.103, -0.060, -0.035, +0.000" in md and "**+0.1" in md
+    assert "sampled: curvature, x^2 coefficient [Welch 95% CI]" in md
+    row = md.splitlines()[2].split(" | ")
+    assert row[-1].rstrip(" |") == R._gain_cell(t["modes"]["sampled"]["curvature"])
+    # Two distinct x among three levels: a slope, no curvature.
+    two = R.variant_trends(gains, [((0.0, "a=0"), (0.0, "a=0.3"), (1.0, "a=1"))])
+    assert two["trends"][0]["modes"]["sampled"]["curvature"] is None
+    assert R.variant_trends_markdown(two).splitlines()[2].endswith(" | - |")
     with pytest.raises(ValueError, match=r"variant 'a=2' has no runs.*a=0\.5"):
         R.variant_trends(gains, [(*spec[:3], (2.0, "a=2"))])
     bad = {
@@ -1036,13 +1070,18 @@ def test_trend_interval_covers_the_least_squares_slope_of_the_true_means():
     true_means = 0.12 * np.sqrt(xs) - 0.1
     sds = np.array([0.02, 0.04, 0.03, 0.05, 0.02])
     target = float(np.polyfit(xs, true_means, 1)[0])
-    w = R.trend_weights(xs.tolist())
-    reps, covered = 3000, 0
+    target_c = float(np.polyfit(xs, true_means, 2)[0])
+    assert target_c < 0  # concave
+    w, wc = R.trend_weights(xs.tolist()), R.curvature_weights(xs.tolist())
+    reps, covered, covered_c = 3000, 0, 0
     for _ in range(reps):
         groups = [rng.normal(mu, sd, 3).tolist() for mu, sd in zip(true_means, sds)]
         c = R.welch_contrast(groups, w)
         covered += c["lo"] <= target <= c["hi"]
+        c = R.welch_contrast(groups, wc)
+        covered_c += c["lo"] <= target_c <= c["hi"]
     assert 0.94 <= covered / reps <= 0.975, covered / reps
+    assert 0.94 <= covered_c / reps <= 0.975, covered_c / reps
 
 
 def test_aggregate_cli_trend(tmp_path):
@@ -1066,6 +1105,8 @@ def test_aggregate_cli_trend(tmp_path):
         assert math.isclose(d["mean"], slope, abs_tol=1e-12)
         assert math.isclose(d["mean"], mean, abs_tol=1e-12)
         assert math.isclose(d["se"], se, rel_tol=1e-9) and math.isclose(d["df"], df, rel_tol=1e-9)
+        curvature = float(np.polyfit(xs, [np.mean(gr) for gr in groups], 2)[0])
+        assert math.isclose(d["curvature"]["mean"], curvature, rel_tol=1e-9, abs_tol=1e-12)
     md = (tmp_path / "sw" / "aggregate.md").read_text()
     assert "Linear trends of mean held-out gains" in md and "0: a=0, 0.5: a=0.5, 1: a=1" in md
     out = run_aggregate(sweep, "--trend=0:a=0|0.5:a=0.5|1:a=1", check=False)

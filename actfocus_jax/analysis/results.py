@@ -1015,6 +1015,26 @@ def trend_weights(xs: Sequence[float]) -> list[float]:
     return [(x - xbar) / sxx for x in xs]
 
 
+def curvature_weights(xs: Sequence[float]) -> list[float]:
+    """Weights ``q_i / sum_j q_j^2`` whose contrast ``sum_i w_i * m_i`` is the ``x^2`` coefficient
+    of the least-squares parabola ``a + b x + c x^2`` through the level means ``m_i`` (each level
+    counted once): ``q`` is ``x^2`` with its least-squares fit on ``1`` and ``x`` removed, so the
+    weights ignore any straight line (they sum to 0 and are orthogonal to ``x``). ``c < 0``: the
+    response flattens as ``x`` grows (concave), ``c > 0``: it steepens. ``ValueError`` with fewer
+    than 3 distinct ``x`` (a parabola through two points is not determined)."""
+    if len(set(xs)) < 3:
+        raise ValueError(f"a curvature needs at least 3 distinct x, got {sorted(set(xs))}")
+    xbar = math.fsum(xs) / len(xs)
+    d = [x - xbar for x in xs]  # centred: orthogonal to the constant
+    sdd = math.fsum(v * v for v in d)
+    sq = [v * v for v in d]
+    sq_bar = math.fsum(sq) / len(sq)
+    beta = math.fsum(v * s for v, s in zip(d, sq)) / sdd
+    q = [s - sq_bar - beta * v for s, v in zip(sq, d)]
+    sqq = math.fsum(v * v for v in q)
+    return [v / sqq for v in q]
+
+
 def variant_trends(
     gains: Mapping[str, Any],
     specs: Sequence[Sequence[tuple[float, str]]],
@@ -1027,23 +1047,29 @@ def variant_trends(
     The slope is the least-squares line through the level means (:func:`trend_weights`), i.e. a
     linear contrast of independent variant means, with the Welch-Satterthwaite interval of
     :func:`welch_contrast` (unequal variances and run counts allowed; a level at the mean ``x`` has
-    weight 0 and does not move the slope). It summarises the direction and size of a dose effect;
-    whether the response is linear is for the level means beside it to say (they are reported).
+    weight 0 and does not move the slope). It summarises the direction and size of a dose effect.
+    Whether the response is linear is tested by ``"curvature"``: the ``x^2`` coefficient of the
+    least-squares parabola through the level means (:func:`curvature_weights`), the same kind of
+    contrast with its own Welch interval (``None`` with fewer than 3 distinct ``x``); the level
+    means are reported beside both.
 
     Returns ``{"confidence", "trends": [{"levels": [{"x", "variant", "seeds"}], "modes": {mode:
-    {**welch_contrast, "level_means": [...]}}}]}``; ``ValueError`` naming a variant without runs.
+    {**welch_contrast, "level_means": [...], "curvature": welch_contrast | None}}}]}``;
+    ``ValueError`` naming a variant without runs.
     """
     by_variant = _gains_of_variants(gains, [v for spec in specs for _, v in spec])
     out = []
     for spec in specs:
         xs = [float(x) for x, _ in spec]
         weights = trend_weights(xs)
+        curve = curvature_weights(xs) if len(set(xs)) >= 3 else None
         runs = [by_variant[v] for _, v in spec]
         per_mode = {}
         for m in _ordered_modes([g for r in runs for g in r.values()]):
             vals = [[g[m]["mean"] for g in r.values() if m in g] for r in runs]
             c = welch_contrast(vals, weights, confidence)
             c["level_means"] = [mean_ci(v, confidence)["mean"] for v in vals]
+            c["curvature"] = None if curve is None else welch_contrast(vals, curve, confidence)
             per_mode[m] = c
         out.append(
             {
@@ -1058,14 +1084,18 @@ def variant_trends(
 
 
 def variant_trends_markdown(vt: Mapping[str, Any], digits: int = 3) -> str:
-    """One row per trend: its levels (``x: variant``) with their runs, per mode the level means
-    and the slope per unit of ``x`` with its Welch-Satterthwaite interval (bold when it excludes
-    0)."""
+    """One row per trend: its levels (``x: variant``) with their runs, per mode the level means,
+    the slope per unit of ``x`` and the curvature (``x^2`` coefficient), each with its
+    Welch-Satterthwaite interval (bold when it excludes 0)."""
     modes, lines = _contrast_head(
         vt,
         "trends",
         ["levels (x: variant)", "runs per level"],
-        lambda m, pct: [f"{m}: mean gain per level", f"{m}: slope per unit x [Welch {pct}% CI]"],
+        lambda m, pct: [
+            f"{m}: mean gain per level",
+            f"{m}: slope per unit x [Welch {pct}% CI]",
+            f"{m}: curvature, x^2 coefficient [Welch {pct}% CI]",
+        ],
     )
     for t in vt["trends"]:
         lv = t["levels"]
@@ -1076,10 +1106,11 @@ def variant_trends_markdown(vt: Mapping[str, Any], digits: int = 3) -> str:
         for m in modes:
             d = t["modes"].get(m)
             if d is None:
-                row += ["-", "-"]
+                row += ["-", "-", "-"]
                 continue
             row.append(", ".join(_gain_cell({"mean": v}, digits) for v in d["level_means"]))
             row.append(_gain_cell(d, digits))
+            row.append("-" if d.get("curvature") is None else _gain_cell(d["curvature"], digits))
         lines.append(_md_row(row))
     return "\n".join(lines)
 
