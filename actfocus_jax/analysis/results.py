@@ -1029,8 +1029,8 @@ def curvature_weights(xs: Sequence[float]) -> list[float]:
     sdd = math.fsum(v * v for v in d)
     sq = [v * v for v in d]
     sq_bar = math.fsum(sq) / len(sq)
-    beta = math.fsum(v * s for v, s in zip(d, sq)) / sdd
-    q = [s - sq_bar - beta * v for s, v in zip(sq, d)]
+    sq_on_d = math.fsum(v * s for v, s in zip(d, sq)) / sdd  # least-squares slope of x^2 on x
+    q = [s - sq_bar - sq_on_d * v for s, v in zip(sq, d)]
     sqq = math.fsum(v * v for v in q)
     return [v / sqq for v in q]
 
