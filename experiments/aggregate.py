@@ -72,8 +72,9 @@ under ``"variant_interactions"``: e.g. whether ActFocus costs PPO more than it c
 variants' mean held-out gains on ``x`` (each level counted once) with the Welch-Satterthwaite
 interval (:func:`actfocus_jax.analysis.results.variant_trends`), under ``"variant_trends"``, the
 level means beside it, and the curvature (the ``x^2`` coefficient of the least-squares parabola
-through the level means, with its own interval; with 3 or more distinct ``x``): e.g. how ActFocus's gain changes with the reasoning weight ``alpha``, each
-level a variant of this sweep or of a ``--merge`` file (``0:actfocus.alpha=0|0.1:<default>|...``).
+through the level means, with its own interval; with 3 or more distinct ``x``): e.g. how
+ActFocus's gain changes with the reasoning weight ``alpha``, each level a variant of this sweep or
+of a ``--merge`` file (``0:actfocus.alpha=0|0.1:<default>|...``).
 
 ``--train_metrics`` with ``--bands``: training metrics of ``metrics.jsonl`` (advantage mean, value
 loss, the action tokens' mean energy, ...) averaged over inclusive step bands per run, and per

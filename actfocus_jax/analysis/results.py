@@ -1062,7 +1062,10 @@ def variant_trends(
     for spec in specs:
         xs = [float(x) for x, _ in spec]
         weights = trend_weights(xs)
-        curve = curvature_weights(xs) if len(set(xs)) >= 3 else None
+        try:
+            curve = curvature_weights(xs)
+        except ValueError:  # fewer than 3 distinct x: a slope, no curvature
+            curve = None
         runs = [by_variant[v] for _, v in spec]
         per_mode = {}
         for m in _ordered_modes([g for r in runs for g in r.values()]):
