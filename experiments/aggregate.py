@@ -49,8 +49,11 @@ start, baseline and reference variant; e.g. other seeds, whose run directories m
 held-out gains and reference differences are merged with this sweep's and the per-variant means
 and t-intervals over seeds recomputed over all runs
 (:func:`actfocus_jax.analysis.results.merge_gains`); a run present in both must have identical
-gains (a re-run is deterministic), else the merge is refused. The final-step table stays this
-sweep's own.
+gains (a re-run is deterministic), else the merge is refused. With ``--train_metrics``, their
+step bands are merged the same way, over this sweep's metrics and bands (a file aggregated without
+them, or without one of the metrics, is named and its runs are left out there;
+:func:`actfocus_jax.analysis.results.merge_step_bands`). The final-step table stays this sweep's
+own.
 
 ``--merge_variant`` (repeated): take only these variants' runs from the ``--merge`` files (e.g. the
 default and plain-GRPO rows of an ablation, for an algorithm comparison).
@@ -169,13 +172,7 @@ def merge_sections(
     reason when they do not fit."""
     from actfocus_jax.analysis.results import merge_gains, parse_run_name
 
-    earlier = []
-    for path in paths:
-        try:
-            with open(path) as f:
-                earlier.append((path, json.load(f)))
-        except (OSError, json.JSONDecodeError) as e:
-            raise SystemExit(f"[aggregate] --merge={path}: cannot read it ({e})") from None
+    earlier = _read_merge_files(paths)
     for key in ("held_out_gain", "reference_gain"):
         if key not in agg:
             continue
@@ -214,6 +211,52 @@ def merge_sections(
             merged["baseline"] = agg[key]["baseline"]
         agg[key] = merged
     agg["merged_from"] = list(paths)
+
+
+def _read_merge_files(paths: list[str]) -> list[tuple[str, dict]]:
+    earlier = []
+    for path in paths:
+        try:
+            with open(path) as f:
+                earlier.append((path, json.load(f)))
+        except (OSError, json.JSONDecodeError) as e:
+            raise SystemExit(f"[aggregate] --merge={path}: cannot read it ({e})") from None
+    return earlier
+
+
+def merge_band_sections(
+    agg: dict, paths: list[str], confidence: float, variants: list[str] | None = None
+) -> None:
+    """Merges the ``step_bands`` of earlier aggregate files into ``agg["step_bands"]`` (in place;
+    only ``variants`` from them when given), over this sweep's keys and bands; says which files
+    or keys are missing (their runs are then not in those cells), ``SystemExit`` on a conflict."""
+    from actfocus_jax.analysis.results import merge_step_bands
+
+    parts, used = [], []
+    own = agg["step_bands"]
+    for path, other in _read_merge_files(paths):
+        sb = other.get("step_bands")
+        if not sb:
+            print(
+                f"[aggregate] --merge={path} has no step bands (aggregate that sweep with "
+                "--train_metrics --bands): its runs are not in the step bands below"
+            )
+            continue
+        missing = [k for k in own["keys"] if k not in sb.get("keys", [])]
+        missing += [f"steps {b}" for b in own["bands"] if b not in sb.get("bands", [])]
+        if missing:
+            print(f"[aggregate] --merge={path} has no {', '.join(missing)}: its runs are not there")
+        if variants:
+            sb = {**sb, "variants": {v: t for v, t in sb["variants"].items() if v in variants}}
+        parts.append(sb)
+        used.append(path)
+    if not parts:
+        return
+    try:
+        merged = merge_step_bands([*parts, own], confidence=confidence)
+    except ValueError as e:
+        raise SystemExit(f"[aggregate] --merge (step bands): {e}") from None
+    agg["step_bands"] = {**merged, "merged_from": used}
 
 
 def _used_runs(agg: dict) -> set[str]:
@@ -361,7 +404,11 @@ def main(argv: list[str]) -> None:
         agg["step_bands"] = step_bands(
             used, TRAIN_METRICS.value, bands, confidence=CONFIDENCE.value
         )
-        print("\ntraining metrics over step bands, mean over seeds\n")
+        if MERGE.value:
+            merge_band_sections(agg, MERGE.value, CONFIDENCE.value, MERGE_VARIANTS.value or None)
+        also = agg["step_bands"].get("merged_from")
+        also = f", with the runs of {', '.join(also)}" if also else ""
+        print(f"\ntraining metrics over step bands, mean over seeds{also}\n")
         print(step_bands_markdown(agg["step_bands"]))
     paths = write_aggregate(agg, OUT_DIR.value or SWEEP_DIR.value)
     print(f"[aggregate] wrote {paths['json']} and {paths['markdown']}")

@@ -644,6 +644,114 @@ def test_aggregate_cli_step_bands(tmp_path):
     assert bad.returncode != 0 and "--bands" in bad.stderr and "FIRST <= LAST" in bad.stderr
 
 
+def test_merge_step_bands_recomputes_over_the_union_of_sweeps():
+    """Seeds 0-2 of an earlier sweep (with an extra key and band, and one variant's key missing)
+    merged with seeds 3-4 (plus an identical re-run of seed 2): every cell's per-seed values are
+    the union and its mean and t-interval a float64 computation over them; a re-run with another
+    band mean is refused, naming it."""
+    import numpy as np
+
+    rng = np.random.default_rng(5)
+    per = {(v, s): rng.normal(size=3) for v in ("a=1", "b=2") for s in "01234"}
+
+    def part(seeds, keys, bands):
+        return {
+            "confidence": 0.95,
+            "keys": keys,
+            "bands": bands,
+            "variants": {
+                v: {
+                    k: {
+                        b: {"per_seed": {s: float(per[(v, s)][j] + i) for s in seeds}}
+                        for j, b in enumerate(bands)
+                    }
+                    for i, k in enumerate(keys)
+                    if not (v == "b=2" and k == "k1" and "0" in seeds)
+                }
+                for v in ("b=2", "a=1")
+            },
+        }
+
+    old = part("012", ["k0", "k1", "extra"], ["1-10", "31-40", "11-20"])
+    new = part("234", ["k0", "k1"], ["1-10", "31-40"])
+    sb = R.merge_step_bands([old, new])
+    assert sb["keys"] == ["k0", "k1"] and sb["bands"] == ["1-10", "31-40"]
+    assert list(sb["variants"]) == ["a=1", "b=2"]
+    assert sb["repeated"] == ["a=1 seed 2", "b=2 seed 2"]
+    t = {1: 12.706205, 2: 4.302653, 4: 2.776445}  # t_{0.975} from tables
+    for v in ("a=1", "b=2"):
+        assert "extra" not in sb["variants"][v]
+        for i, k in enumerate(("k0", "k1")):
+            # b=2's k1 is only in the new part: seeds 2-4
+            seeds = "234" if (v, k) == ("b=2", "k1") else "01234"
+            for j, b in enumerate(("1-10", "31-40")):
+                cell = sb["variants"][v][k][b]
+                xs = np.asarray([per[(v, s)][j] + i for s in seeds], np.float64)
+                assert list(cell["per_seed"]) == list(seeds)
+                assert cell["n"] == len(xs)
+                assert cell["mean"] == pytest.approx(xs.mean(), abs=1e-12)
+                half = t[len(xs) - 1] * xs.std(ddof=1) / math.sqrt(len(xs))
+                assert cell["half_width"] == pytest.approx(half, rel=1e-6)
+            assert "11-20" not in sb["variants"][v][k]
+    bad = json.loads(json.dumps(old))
+    bad["variants"]["a=1"]["k0"]["31-40"]["per_seed"]["2"] += 1e-3
+    with pytest.raises(ValueError, match="a=1 seed 2: k0 over steps 31-40"):
+        R.merge_step_bands([bad, new])
+
+
+def test_aggregate_cli_merges_step_bands(tmp_path):
+    """``--merge`` with ``--train_metrics``: the step bands of an earlier aggregate (its run
+    directories deleted) merged with this sweep's equal those of one aggregate over all runs;
+    ``--merge_variant`` keeps only those variants; a file without step bands is named."""
+    import shutil
+
+    import numpy as np
+
+    rng = np.random.default_rng(8)
+    vals = {(v, s): rng.normal(size=4) for v in ("ppo", "grpo") for s in "0123"}
+    for (v, s), x in vals.items():
+        for sweep in ("all", "old" if s in "01" else "new"):
+            _write_band_run(tmp_path / sweep / f"algo={v},seed={s}", x)
+    flags = ["--train_metrics=train/adv_mean", "--bands=1-2,3-4"]
+    run_aggregate(f"--sweep_dir={tmp_path / 'all'}", *flags)
+    run_aggregate(f"--sweep_dir={tmp_path / 'old'}", *flags)
+    shutil.copy(tmp_path / "old" / "aggregate.json", tmp_path / "old.json")
+    shutil.rmtree(tmp_path / "old")
+    run_aggregate(f"--sweep_dir={tmp_path / 'new'}", *flags, f"--merge={tmp_path / 'old.json'}")
+    whole = json.loads((tmp_path / "all" / "aggregate.json").read_text())["step_bands"]
+    merged = json.loads((tmp_path / "new" / "aggregate.json").read_text())["step_bands"]
+    assert merged["merged_from"] == [str(tmp_path / "old.json")]
+    for v in ("algo=ppo", "algo=grpo"):
+        for b in ("1-2", "3-4"):
+            got, want = (x["variants"][v]["train/adv_mean"][b] for x in (merged, whole))
+            assert got["per_seed"] == pytest.approx(want["per_seed"], abs=1e-12)
+            assert got["n"] == 4 and got["mean"] == pytest.approx(want["mean"], abs=1e-12)
+            assert got["half_width"] == pytest.approx(want["half_width"], rel=1e-9)
+    md = (tmp_path / "new" / "aggregate.md").read_text()
+    assert f"mean over seeds (with the runs of {tmp_path / 'old.json'})" in md
+    # --merge_variant: only PPO's earlier seeds come in.
+    run_aggregate(
+        f"--sweep_dir={tmp_path / 'new'}",
+        *flags,
+        f"--merge={tmp_path / 'old.json'}",
+        "--merge_variant=algo=ppo",
+    )
+    merged = json.loads((tmp_path / "new" / "aggregate.json").read_text())["step_bands"]
+    cells = {v: merged["variants"][v]["train/adv_mean"]["1-2"] for v in ("algo=ppo", "algo=grpo")}
+    assert sorted(cells["algo=ppo"]["per_seed"]) == ["0", "1", "2", "3"]
+    assert sorted(cells["algo=grpo"]["per_seed"]) == ["2", "3"]
+    # An earlier file aggregated without --train_metrics is named; this sweep's bands stay its own.
+    run_aggregate(f"--sweep_dir={tmp_path / 'all'}")
+    shutil.copy(tmp_path / "all" / "aggregate.json", tmp_path / "plain.json")
+    proc = run_aggregate(
+        f"--sweep_dir={tmp_path / 'new'}", *flags, f"--merge={tmp_path / 'plain.json'}"
+    )
+    assert f"--merge={tmp_path / 'plain.json'} has no step bands" in proc.stdout
+    own = json.loads((tmp_path / "new" / "aggregate.json").read_text())["step_bands"]
+    assert "merged_from" not in own
+    assert own["variants"]["algo=ppo"]["train/adv_mean"]["1-2"]["n"] == 2
+
+
 # ------------------------------------------------------------ differences between variants
 def _welch_reference(a, b):
     """Welch's se and Welch-Satterthwaite df in NumPy float64."""

@@ -48,6 +48,7 @@ __all__ = [
     "held_out_gains",
     "markdown_table",
     "mean_ci",
+    "merge_step_bands",
     "metric_curve",
     "mode_gains",
     "paired_gain",
@@ -1242,6 +1243,71 @@ def step_bands(
     return {"confidence": confidence, "keys": list(keys), "bands": names, "variants": variants}
 
 
+def merge_step_bands(
+    parts: Sequence[Mapping[str, Any]],
+    *,
+    confidence: float = 0.95,
+    atol: float = 1e-9,
+) -> dict[str, Any]:
+    """The union of several :func:`step_bands` results over the keys and bands of the last part
+    (this sweep's ``--train_metrics`` and ``--bands``), with each cell's mean and t-interval
+    recomputed over all parts' seeds: e.g. a new sweep's seeds 3-4 with an earlier aggregate's
+    seeds 0-2, whose run directories may be gone. Keys or bands of the other parts that the last
+    one does not have are dropped; where a part lacks a key or band of a variant, that variant's
+    cell holds only the other parts' seeds (``n`` says how many).
+
+    A seed of one variant in more than one part (a re-run) must have the same band mean in each,
+    to ``atol`` (training is deterministic on one machine and code version), else
+    :class:`ValueError` naming variant, key, band and seed. Such cells are listed under
+    ``"repeated"`` as ``"<variant> seed <s>"``.
+    """
+    if not parts:
+        raise ValueError("merge_step_bands needs at least one part")
+    keys, bands = list(parts[-1]["keys"]), list(parts[-1]["bands"])
+    seeds: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
+    repeated: set[str] = set()
+    for i, part in enumerate(parts):
+        for variant, table in part.get("variants", {}).items():
+            slot = seeds.setdefault(variant, {})
+            for key in keys:
+                for band in bands:
+                    cell = table.get(key, {}).get(band)
+                    if cell is None:
+                        continue
+                    have = slot.setdefault(key, {}).setdefault(band, {})
+                    for seed, value in cell["per_seed"].items():
+                        if seed in have:
+                            if abs(have[seed] - value) > atol:
+                                raise ValueError(
+                                    f"{variant} seed {seed}: {key} over steps {band} is "
+                                    f"{have[seed]!r} in an earlier part and {value!r} in part "
+                                    f"{i}: a re-run from another warm start, code version or "
+                                    "machine; merge only results of the same protocol"
+                                )
+                            repeated.add(f"{variant} seed {seed}")
+                        have[seed] = value
+    variants: dict[str, dict[str, dict[str, Any]]] = {}
+    for variant, slot in sorted(seeds.items()):
+        table = {}
+        for key in keys:
+            cells = {}
+            for band in bands:
+                per_seed = slot.get(key, {}).get(band)
+                if per_seed:
+                    per_seed = dict(sorted(per_seed.items(), key=lambda kv: _seed_key(kv[0])))
+                    cells[band] = {**mean_ci(per_seed.values(), confidence), "per_seed": per_seed}
+            if cells:
+                table[key] = cells
+        variants[variant] = table
+    return {
+        "confidence": confidence,
+        "keys": keys,
+        "bands": bands,
+        "variants": variants,
+        "repeated": sorted(repeated),
+    }
+
+
 def step_bands_markdown(sb: Mapping[str, Any], digits: int = 3) -> str:
     """One row per (variant, key), one column per band: ``mean ± t (n)`` over seeds (``-`` where
     no seed covers the band)."""
@@ -1489,8 +1555,11 @@ def write_aggregate(agg: Mapping[str, Any], out_dir: str | os.PathLike) -> dict[
         if agg.get(key):
             md += f"\n\n{title}:\n\n" + table(agg[key])
     if agg.get("step_bands"):
-        md += "\n\nTraining metrics averaged over step bands, mean over seeds:\n\n"
-        md += step_bands_markdown(agg["step_bands"])
+        sb = agg["step_bands"]
+        also = sb.get("merged_from")
+        also = f" (with the runs of {', '.join(also)})" if also else ""
+        md += f"\n\nTraining metrics averaged over step bands, mean over seeds{also}:\n\n"
+        md += step_bands_markdown(sb)
     repeated = sorted(
         {n for k in ("held_out_gain", "reference_gain") for n in agg.get(k, {}).get("repeated", [])}
     )
