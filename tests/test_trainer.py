@@ -199,6 +199,7 @@ def test_config_errors_name_the_field(tmp_path):
         Experiment(c).init_policy()
 
 
+@pytest.mark.fresh_process  # its xdist worker died in XLA:CPU compiles (tests/_fresh_process.py)
 def test_main_job_reports_the_held_out_gain_paired_by_task(tmp_path):
     """experiments.main end to end at tiny sizes: SFT, warm-start evaluation, RL, final evaluation,
     and the paired held-out gain computed from the per-task files both evaluations write."""
