@@ -165,14 +165,16 @@ BANDS = flags.DEFINE_list(
 
 
 def merge_sections(
-    agg: dict, paths: list[str], confidence: float, variants: list[str] | None = None
+    agg: dict,
+    earlier: list[tuple[str, dict]],
+    confidence: float,
+    variants: list[str] | None = None,
 ) -> None:
-    """Merges the ``held_out_gain`` / ``reference_gain`` sections of earlier aggregate files into
-    ``agg`` (in place), only the runs of ``variants`` from them when given; ``SystemExit`` with the
-    reason when they do not fit."""
+    """Merges the ``held_out_gain`` / ``reference_gain`` sections of earlier aggregate files
+    (``(path, contents)`` from :func:`read_merge_files`) into ``agg`` (in place), only the runs of
+    ``variants`` from them when given; ``SystemExit`` with the reason when they do not fit."""
     from actfocus_jax.analysis.results import merge_gains, parse_run_name
 
-    earlier = _read_merge_files(paths)
     for key in ("held_out_gain", "reference_gain"):
         if key not in agg:
             continue
@@ -210,10 +212,12 @@ def merge_sections(
         if key == "held_out_gain":
             merged["baseline"] = agg[key]["baseline"]
         agg[key] = merged
-    agg["merged_from"] = list(paths)
+    agg["merged_from"] = [path for path, _ in earlier]
 
 
-def _read_merge_files(paths: list[str]) -> list[tuple[str, dict]]:
+def read_merge_files(paths: list[str]) -> list[tuple[str, dict]]:
+    """``(path, parsed JSON)`` of each ``--merge`` file, read once for the gains and the step
+    bands; ``SystemExit`` naming a file that cannot be read."""
     earlier = []
     for path in paths:
         try:
@@ -225,16 +229,20 @@ def _read_merge_files(paths: list[str]) -> list[tuple[str, dict]]:
 
 
 def merge_band_sections(
-    agg: dict, paths: list[str], confidence: float, variants: list[str] | None = None
+    agg: dict,
+    earlier: list[tuple[str, dict]],
+    confidence: float,
+    variants: list[str] | None = None,
 ) -> None:
-    """Merges the ``step_bands`` of earlier aggregate files into ``agg["step_bands"]`` (in place;
-    only ``variants`` from them when given), over this sweep's keys and bands; says which files
-    or keys are missing (their runs are then not in those cells), ``SystemExit`` on a conflict."""
+    """Merges the ``step_bands`` of earlier aggregate files (``(path, contents)`` from
+    :func:`read_merge_files`) into ``agg["step_bands"]`` (in place; only ``variants`` from them
+    when given), over this sweep's keys and bands; says which files or keys are missing (their
+    runs are then not in those cells), ``SystemExit`` on a conflict."""
     from actfocus_jax.analysis.results import merge_step_bands
 
     parts, used = [], []
     own = agg["step_bands"]
-    for path, other in _read_merge_files(paths):
+    for path, other in earlier:
         sb = other.get("step_bands")
         if not sb:
             print(
@@ -356,8 +364,9 @@ def main(argv: list[str]) -> None:
                 f"there): {', '.join(eg['unmatched'])}"
             )
         agg["earlier_gain"] = {"earlier_sweep": EARLIER.value, **eg}
-    if MERGE.value:
-        merge_sections(agg, MERGE.value, CONFIDENCE.value, MERGE_VARIANTS.value or None)
+    merge_files = read_merge_files(MERGE.value) if MERGE.value else []
+    if merge_files:
+        merge_sections(agg, merge_files, CONFIDENCE.value, MERGE_VARIANTS.value or None)
         for key in ("held_out_gain", "reference_gain"):
             if key in agg:
                 print(f"\n{key}, merged with {', '.join(MERGE.value)}\n")
@@ -404,8 +413,8 @@ def main(argv: list[str]) -> None:
         agg["step_bands"] = step_bands(
             used, TRAIN_METRICS.value, bands, confidence=CONFIDENCE.value
         )
-        if MERGE.value:
-            merge_band_sections(agg, MERGE.value, CONFIDENCE.value, MERGE_VARIANTS.value or None)
+        if merge_files:
+            merge_band_sections(agg, merge_files, CONFIDENCE.value, MERGE_VARIANTS.value or None)
         also = agg["step_bands"].get("merged_from")
         also = f", with the runs of {', '.join(also)}" if also else ""
         print(f"\ntraining metrics over step bands, mean over seeds{also}\n")
