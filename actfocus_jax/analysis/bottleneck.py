@@ -70,6 +70,7 @@ __all__ = [
     "bottleneck_metrics",
     "bottleneck_report",
     "bottleneck_stats",
+    "buffer_field",
     "group_pearson",
     "rollout_scores",
 ]

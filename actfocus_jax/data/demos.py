@@ -59,6 +59,7 @@ __all__ = [
     "SftBatches",
     "SftDemos",
     "SftDemosConfig",
+    "batch_width",
     "build_demos",
     "demo_splits",
     "generate_demos",

@@ -35,7 +35,11 @@ import numpy as np
 
 from actfocus_jax.envs.base import ActionTable, ParsedActions
 
-__all__ = ["find_sequence", "parse_actions"]
+__all__ = [
+    "find_any",
+    "find_sequence",
+    "parse_actions",
+]
 
 _NEVER = -7  # an id that matches no tag (ids >= 0); used to mask positions beyond the length
 

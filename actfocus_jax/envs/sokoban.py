@@ -42,7 +42,15 @@ import numpy as np
 from actfocus_jax.envs.base import GridRenderer, JaxEnv, ParsedActions, Timestep
 from actfocus_jax.text.tokenizer import TextTokenizer
 
-__all__ = ["ACTIONS", "SYMBOLS", "SokobanEnv", "SokobanState", "SokobanTask", "parse_level"]
+__all__ = [
+    "ACTIONS",
+    "SYMBOLS",
+    "SokobanEnv",
+    "SokobanState",
+    "SokobanTask",
+    "cell_codes",
+    "parse_level",
+]
 
 ACTIONS = ("Up", "Down", "Left", "Right")
 #: (row, col) displacement of each action.

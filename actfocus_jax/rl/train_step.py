@@ -62,6 +62,7 @@ __all__ = [
     "AlgoConfig",
     "StepMetrics",
     "TokenIntermediates",
+    "TrainBatch",
     "TrainState",
     "TrainStatics",
     "batch_from_buffer",

@@ -67,7 +67,15 @@ from actfocus_jax.train.config import (
     validate,
 )
 
-__all__ = ["FINAL_PER_TASK", "Experiment", "TrainingDivergedError", "episode_metrics"]
+__all__ = [
+    "FINAL_PER_TASK",
+    "Experiment",
+    "TrainingDivergedError",
+    "build_sft_demos",
+    "episode_metrics",
+    "run_rl",
+    "run_sft",
+]
 
 #: File in ``<workdir>/rl`` with the final policy's per-task held-out success rates.
 FINAL_PER_TASK = "final_per_task.json"
