@@ -364,7 +364,7 @@ def main(argv: list[str]) -> None:
                 f"there): {', '.join(eg['unmatched'])}"
             )
         agg["earlier_gain"] = {"earlier_sweep": EARLIER.value, **eg}
-    merge_files = read_merge_files(MERGE.value) if MERGE.value else []
+    merge_files = read_merge_files(MERGE.value)
     if merge_files:
         merge_sections(agg, merge_files, CONFIDENCE.value, MERGE_VARIANTS.value or None)
         for key in ("held_out_gain", "reference_gain"):

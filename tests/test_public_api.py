@@ -1,4 +1,5 @@
-"""The package's public names: every module's ``__all__`` is complete, resolvable and sorted.
+"""The package's public names: every module's ``__all__`` is complete, resolvable and free of repeats
+(its order is ruff's RUF022, run by the README's test command).
 
 ``__all__`` is what ``from module import *``, the docs and a researcher's tab completion see. A
 public (not underscore-prefixed) function or class defined in a module but missing from its
